@@ -1,0 +1,24 @@
+"""Anthropic Messages."""
+
+from __future__ import annotations
+
+import msgspec
+
+from ._shared import sse_boundary_pad
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 413: "request_too_large", 502: "api_error", 504: "timeout_error"}
+
+
+def error_response(status: int, message: str) -> tuple[list[tuple[str, str]], bytes]:
+    body = {"type": "error", "error": {"type": _TYPES.get(status, "api_error"), "message": message}}
+    return [("content-type", "application/json")], msgspec.json.encode(body)
+
+
+def stream_error(message: str, last: bytes, path: str) -> bytes:
+    body = msgspec.json.encode({"type": "error", "error": {"type": "api_error", "message": message}})
+    return sse_boundary_pad(last) + b"event: error\ndata: " + body + b"\n\n"
+
+
+def processor(path: str, content_type: str):
+    return None

@@ -1,0 +1,262 @@
+"""The proxy pipeline: route -> request filter -> upstream -> response processor -> client.
+
+Written against granian's RSGI protocol. The hot path moves bytes: untouched chunks go
+to the client as the same bytes objects the upstream client produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+
+import msgspec
+from granian.rsgi import ProtocolClosed
+
+from . import metrics, routes
+from .bedrock_sign import CLIENT_SIGNING_HEADERS, Signer
+from .config import Config
+from .dialects import BY_NAME as DIALECTS
+from .metadata import HEADER_FIELDS, KEY_HEADERS, SUFFIX, Meta, MetadataError, split_key, strip_query_key
+from .upstream import Pool, UpstreamClosed, UpstreamConnectError, UpstreamError, UpstreamTimeout
+
+log = logging.getLogger("sidegate.relay")
+
+# Never forwarded in either direction (RFC 9110 7.6.1), plus what the relay recomputes.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+                        "host", "content-length", "accept-encoding"})
+RESPONSE_DROP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-connection",
+                           "te", "trailer", "transfer-encoding", "upgrade", "content-length"})
+STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
+# Whole-body reads above this size are streamed instead.
+BUFFER_LIMIT = 4 * 1024 * 1024
+
+
+def _new_traceparent() -> str:
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+
+
+class Relay:
+    """Per-worker state: the route table, the upstream pool, signers."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.table = routes.build(cfg)
+        self.prefixes = {seg: self.table[p] for seg, p in routes.PREFIXES.items()}
+        self.max_body = cfg.max_request_bytes
+        self.token = cfg.proxy_token.encode() if cfg.proxy_token else None
+        self.pool: Pool | None = None
+        self.signers = {}
+        self._not_found = msgspec.json.encode({
+            "error": {"type": "not_found", "message": "sidegate: no route for this path",
+                      "valid_prefixes": routes.prefixes()}})
+
+    def start(self) -> None:
+        t = self.cfg.timeouts
+        self.pool = Pool(connect_timeout=t.connect, read_timeout=t.read, total_timeout=t.total)
+
+    async def stop(self) -> None:
+        if self.pool is not None:
+            await self.pool.aclose()
+
+    # -- request side -------------------------------------------------------------
+
+    async def __call__(self, scope, proto) -> None:
+        path = scope.path
+        end = path.find("/", 4)
+        route = self.prefixes.get(path[4:end] if end > 0 else path[4:]) if path.startswith("/v1/") else None
+        if route is None:
+            proto.response_bytes(404, [("content-type", "application/json")], self._not_found)
+            return
+        dialect = DIALECTS[route.dialect]
+        rest = path[end:] if end > 0 else ""
+        meta = Meta()
+        fwd: list[tuple[str, str]] = []
+        traceparent = None
+        sigv4 = False
+        try:
+            for name, value in scope.headers.items():
+                if name in HOP_BY_HOP:
+                    continue
+                if name.startswith("x-sidegate-"):
+                    field = HEADER_FIELDS.get(name)
+                    if field is None:
+                        raise MetadataError(f"unknown gateway header {name!r}")
+                    meta.set(field, value)
+                    continue
+                if name in KEY_HEADERS and SUFFIX in value:
+                    value = split_key(value, meta)
+                elif name == "traceparent":
+                    traceparent = value
+                if route.provider == "bedrock" and name in CLIENT_SIGNING_HEADERS:
+                    if name == "authorization" and value.startswith("AWS4-"):
+                        sigv4 = True
+                    elif name != "authorization":
+                        fwd.append((name, value))
+                        continue
+                fwd.append((name, value))
+            query = scope.query_string
+            if query and "sidegate" in query:
+                query = strip_query_key(query, meta)
+        except MetadataError as e:
+            return self._error(proto, dialect, 400, route, meta, str(e))
+        if self.token is not None and not (meta.key and hmac.compare_digest(meta.key.encode(), self.token)):
+            return self._error(proto, dialect, 401, route, meta, "sidegate: missing or wrong gateway key (X-Sidegate-Key)")
+
+        clen = scope.headers.get("content-length")
+        if clen is not None and clen.isdigit() and int(clen) > self.max_body:
+            return self._error(proto, dialect, 413, route, meta,
+                               f"sidegate: request body exceeds {self.max_body} bytes")
+        body = await self._read_body(proto, clen)
+        if body is None:
+            return self._error(proto, dialect, 413, route, meta,
+                               f"sidegate: request body exceeds {self.max_body} bytes")
+
+        up = route.upstream
+        target = up.base_path + rest
+        if query:
+            target = f"{target}?{query}"
+        if traceparent is None:
+            traceparent = _new_traceparent()
+            fwd.append(("traceparent", traceparent))
+        fwd.append(("accept-encoding", "identity"))
+        if route.injects:
+            fwd = self._inject(route, fwd)
+        if sigv4:
+            fwd = await self._resign(route, fwd, scope.method, target, body)
+
+        task = asyncio.current_task()
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(proto, task))
+        try:
+            await self._forward(proto, route, dialect, meta, scope.method, target, fwd, body, traceparent)
+        except asyncio.CancelledError:
+            # The client went away: the upstream response (if any) was closed on the way out.
+            if task.cancelling() and watcher.done():
+                task.uncancel()
+                metrics.request_done(route.provider, metrics.tenant_label(meta.tenant), 499)
+            else:
+                raise
+        finally:
+            watcher.cancel()
+
+    async def _read_body(self, proto, clen: str | None) -> bytes | None:
+        if clen is not None:
+            body = await proto()
+            return body if len(body) <= self.max_body else None
+        parts, size = [], 0
+        async for chunk in proto:
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _inject(self, route: routes.ProviderRoute, fwd: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        key = route.credential()
+        if key is None:
+            return fwd
+        header, template = route.inject_header
+        drop = {header, "authorization", "x-api-key", "x-goog-api-key"}
+        out = [(n, v) for n, v in fwd if n not in drop]
+        out.append((header, template.format(key)))
+        return out
+
+    async def _resign(self, route, fwd, method, target, body):
+        up = route.upstream
+        signer = self.signers.get(up.region)
+        if signer is None:
+            signer = self.signers[up.region] = Signer(up.region)
+        creds = await signer.credentials()
+        if creds is None:
+            return fwd
+        unsigned = [(n, v) for n, v in fwd if n not in CLIENT_SIGNING_HEADERS]
+        return signer.sign(creds, method, up.origin + target, unsigned, body)
+
+    # -- response side ------------------------------------------------------------
+
+    async def _forward(self, proto, route, dialect, meta, method, target, fwd, body, traceparent) -> None:
+        provider = route.provider
+        tenant = metrics.tenant_label(meta.tenant)
+        t0 = time.perf_counter()
+        pool = self.pool
+        if pool is None:  # aiohttp wants a running loop, which RSGI init does not have yet
+            self.start()
+            pool = self.pool
+        try:
+            resp = await pool.request(method, route.upstream, target, fwd, body)
+        except UpstreamTimeout as e:
+            return self._error(proto, dialect, 504, route, meta, f"sidegate: {e}")
+        except UpstreamConnectError as e:
+            return self._error(proto, dialect, 502, route, meta, f"sidegate: {e}")
+        metrics.upstream_latency(provider, (time.perf_counter() - t0) * 1000.0)
+        try:
+            headers = [("traceparent", traceparent)]
+            ctype = ""
+            clen = -1
+            for name, value in resp.headers:
+                lname = name.decode("latin-1").lower()
+                if lname in RESPONSE_DROP:
+                    if lname == "content-length" and value.isdigit():
+                        clen = int(value)
+                    continue
+                sval = value.decode("latin-1")
+                if lname == "content-type":
+                    ctype = sval
+                elif lname == "traceparent":
+                    continue
+                headers.append((lname, sval))
+            status = resp.status
+            if 0 <= clen <= BUFFER_LIMIT and not ctype.startswith(STREAM_TYPES):
+                try:
+                    data = await resp.read_all(BUFFER_LIMIT)
+                except UpstreamError as e:
+                    return self._error(proto, dialect, 502, route, meta, f"sidegate: {e}")
+                proto.response_bytes(status, headers, data)
+            else:
+                await self._stream(proto, resp, route, dialect, status, headers, ctype, target)
+            metrics.request_done(provider, tenant, status)
+        finally:
+            resp.close()
+
+    async def _stream(self, proto, resp, route, dialect, status, headers, ctype, target) -> None:
+        transport = proto.response_stream(status, headers)
+        processor = dialect.processor(target, ctype)
+        gauge = metrics.streams(route.provider)
+        gauge.inc()
+        last = b""
+        try:
+            while True:
+                try:
+                    chunk = await resp.read_chunk()
+                except (UpstreamClosed, UpstreamTimeout) as e:
+                    log.warning("%s: upstream stream broke: %s", route.provider, e)
+                    if processor is not None and route.dialect == "bedrock":
+                        tail = dialect.stream_error(f"sidegate: {e}", last, target, processor)
+                    else:
+                        tail = dialect.stream_error(f"sidegate: {e}", last, target)
+                    await transport.send_bytes(tail)
+                    return
+                if not chunk:
+                    return
+                if processor is not None:
+                    chunk = processor.feed(chunk)
+                await transport.send_bytes(chunk)
+                last = chunk
+        except ProtocolClosed:
+            # The client disconnected: closing `resp` (caller) aborts the upstream request.
+            return
+        finally:
+            gauge.dec()
+
+    def _error(self, proto, dialect, status, route, meta, message: str) -> None:
+        headers, body = dialect.error_response(status, message)
+        proto.response_bytes(status, headers, body)
+        metrics.request_done(route.provider, metrics.tenant_label(meta.tenant), status)
+
+
+async def _cancel_on_disconnect(proto, task: asyncio.Task) -> None:
+    await proto.client_disconnect()
+    task.cancel()
