@@ -31,8 +31,9 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 RESPONSE_DROP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-connection",
                            "te", "trailer", "transfer-encoding", "upgrade", "content-length"})
 STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
-# Whole-body reads above this size are streamed instead.
-BUFFER_LIMIT = 4 * 1024 * 1024
+# Non-stream bodies are read whole (the governance step needs them whole); past this
+# size the upstream answer is refused with 502 rather than held in memory.
+BUFFER_LIMIT = 64 * 1024 * 1024
 
 
 def _new_traceparent() -> str:
@@ -195,12 +196,9 @@ class Relay:
         try:
             headers = [("traceparent", traceparent)]
             ctype = ""
-            clen = -1
             for name, value in resp.headers:
                 lname = name.decode("latin-1").lower()
                 if lname in RESPONSE_DROP:
-                    if lname == "content-length" and value.isdigit():
-                        clen = int(value)
                     continue
                 sval = value.decode("latin-1")
                 if lname == "content-type":
@@ -209,42 +207,39 @@ class Relay:
                     continue
                 headers.append((lname, sval))
             status = resp.status
-            if 0 <= clen <= BUFFER_LIMIT and not ctype.startswith(STREAM_TYPES):
+            if ctype.startswith(STREAM_TYPES) or (route.dialect == "gemini" and ":streamGenerateContent" in target):
+                await self._stream(proto, resp, route, dialect, status, headers, ctype, target)
+            else:
                 try:
                     data = await resp.read_all(BUFFER_LIMIT)
                 except UpstreamError as e:
                     return self._error(proto, dialect, 502, route, meta, f"sidegate: {e}")
                 proto.response_bytes(status, headers, data)
-            else:
-                await self._stream(proto, resp, route, dialect, status, headers, ctype, target)
             metrics.request_done(provider, tenant, status)
         finally:
             resp.close()
 
     async def _stream(self, proto, resp, route, dialect, status, headers, ctype, target) -> None:
         transport = proto.response_stream(status, headers)
-        processor = dialect.processor(target, ctype)
+        framer = dialect.framer(target, ctype)
         gauge = metrics.streams(route.provider)
         gauge.inc()
-        last = b""
         try:
             while True:
                 try:
                     chunk = await resp.read_chunk()
                 except (UpstreamClosed, UpstreamTimeout) as e:
                     log.warning("%s: upstream stream broke: %s", route.provider, e)
-                    if processor is not None and route.dialect == "bedrock":
-                        tail = dialect.stream_error(f"sidegate: {e}", last, target, processor)
-                    else:
-                        tail = dialect.stream_error(f"sidegate: {e}", last, target)
-                    await transport.send_bytes(tail)
+                    await transport.send_bytes(framer.error(f"sidegate: {e}"))
                     return
                 if not chunk:
+                    tail = framer.close()
+                    if tail:
+                        await transport.send_bytes(tail)
                     return
-                if processor is not None:
-                    chunk = processor.feed(chunk)
-                await transport.send_bytes(chunk)
-                last = chunk
+                out = framer.feed(chunk)
+                if out:
+                    await transport.send_bytes(out)
         except ProtocolClosed:
             # The client disconnected: closing `resp` (caller) aborts the upstream request.
             return

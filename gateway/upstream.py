@@ -35,26 +35,21 @@ class UpstreamClosed(UpstreamError):
 class Response:
     """A streamed upstream response; `read_chunk()` returns b"" at the end."""
 
-    __slots__ = ("_resp", "status", "headers", "_read_timeout", "_deadline", "_loop")
+    __slots__ = ("_resp", "status", "headers")
 
-    def __init__(self, resp: aiohttp.ClientResponse, read_timeout: float, deadline: float, loop) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
         self.status = resp.status
         self.headers = resp.raw_headers
-        self._read_timeout = read_timeout
-        self._deadline = deadline
-        self._loop = loop
 
     async def read_chunk(self) -> bytes:
         content = self._resp.content
-        # Fast path: data already buffered needs no timer.
+        # Fast path: data already buffered needs no wait.
         if content._buffer:  # noqa: SLF001 - aiohttp's StreamReader keeps no public peek
             return content.read_nowait(-1)
-        timeout = min(self._read_timeout, self._deadline - self._loop.time())
         try:
-            async with asyncio.timeout(timeout if timeout > 0 else 0):
-                return await content.readany()
-        except TimeoutError:
+            return await content.readany()
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout("upstream sent nothing within the read timeout") from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
             raise UpstreamClosed(f"upstream connection broke mid-body ({type(e).__name__})") from None
@@ -84,9 +79,6 @@ class Pool:
 
     def __init__(self, *, connect_timeout: float, read_timeout: float, total_timeout: float,
                  max_per_host: int = 256, keepalive_expiry: float = 30.0) -> None:
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
-        self._total_timeout = total_timeout
         self._connector = aiohttp.TCPConnector(
             limit=0, limit_per_host=max_per_host, keepalive_timeout=keepalive_expiry,
             ssl=ssl.create_default_context(), enable_cleanup_closed=False,
@@ -95,30 +87,26 @@ class Pool:
             connector=self._connector,
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect_timeout,
-                                          sock_read=None),
+            # sock_read is the idle-read timeout: it bounds the wait for the head and
+            # every later read; total bounds the whole exchange.
+            timeout=aiohttp.ClientTimeout(total=total_timeout, connect=None, sock_connect=connect_timeout,
+                                          sock_read=read_timeout),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def request(self, method: str, upstream: Upstream, target: str,
                       headers: list[tuple[str, str]], body: bytes) -> Response:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._total_timeout
         url = f"{upstream.scheme}://{upstream.host_header}{target}"
         try:
-            # The head must arrive within both the read and the total timeout.
-            async with asyncio.timeout(min(self._read_timeout + self._connect_timeout, self._total_timeout)):
-                resp = await self._session._request(  # noqa: SLF001 - skips a context-manager wrapper
-                    method, url, data=body or None, headers=headers, allow_redirects=False,
-                    compress=None, chunked=None, raise_for_status=False,
-                )
-        except TimeoutError:
+            resp = await self._session._request(  # noqa: SLF001 - skips a context-manager wrapper
+                method, url, data=body or None, headers=headers, allow_redirects=False,
+                compress=None, chunked=None, raise_for_status=False,
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout("upstream did not answer within the timeout") from None
-        except aiohttp.ServerTimeoutError:
-            raise UpstreamTimeout("upstream connect timed out") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError, OSError) as e:
             raise UpstreamConnectError(f"upstream unreachable ({type(e).__name__})") from None
-        return Response(resp, self._read_timeout, deadline, loop)
+        return Response(resp)
 
     async def aclose(self) -> None:
         await self._session.close()

@@ -3,10 +3,11 @@
 Each module offers the same small surface, so the relay stays dialect-free:
 - `error_response(status, message) -> (headers, body)`: an error in the provider's own
   envelope, so the official SDK raises its usual exception;
-- `stream_error(message, last, tail) -> bytes`: an in-band error that ends a stream the
-  upstream broke, framed so the client sees an error rather than a clean end;
-- `processor(path, content_type)`: the per-stream frame processor seam, or None for a
-  plain pass-through.
+- `framer(path, content_type)`: a per-stream object with `feed(chunk) -> bytes` (whole
+  events or frames, the same bytes object when the chunk ends on a boundary),
+  `close() -> bytes` and `error(message) -> bytes`, the in-band error that ends a stream
+  the upstream broke, so the client sees an error rather than a clean end. This is the
+  seam where the tool-call processor plugs in: it receives whole events only.
 """
 
 from __future__ import annotations

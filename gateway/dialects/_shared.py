@@ -1,11 +1,56 @@
-"""Framing helpers shared by the SSE dialects."""
+"""Framing shared by the SSE dialects.
+
+A framer forwards each upstream chunk up to its last complete event at once, and holds
+back only a partial event until its end arrives. The client cannot use half an event
+anyway, and an upstream break then never leaves half an event in front of the error.
+When chunks end on event boundaries (the usual case) the chunk object itself goes out.
+"""
 
 from __future__ import annotations
 
-def sse_boundary_pad(last: bytes) -> bytes:
-    """Line ends that close whatever SSE event `last` left open, so the next event parses."""
-    if last.endswith((b"\n\n", b"\r\n\r\n", b"\r\r")) or not last:
-        return b""
-    if last.endswith((b"\n", b"\r")):
-        return last[-1:]
-    return b"\n\n"
+# Blank-line endings of an SSE event (WHATWG: a line end followed by an empty line).
+_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")
+
+
+def last_event_end(buf: bytes) -> int:
+    """Offset just past the last complete SSE event in `buf`, or 0."""
+    end = 0
+    for sep in _ENDS:
+        i = buf.rfind(sep)
+        if i >= 0 and i + len(sep) > end:
+            end = i + len(sep)
+    return end
+
+
+class SSEFramer:
+    __slots__ = ("pending", "sent", "_error")
+
+    def __init__(self, error_event) -> None:
+        self.pending = b""
+        self.sent = False
+        self._error = error_event
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self.pending and chunk.endswith((b"\n\n", b"\r\n\r\n")):
+            self.sent = True
+            return chunk
+        buf = self.pending + chunk if self.pending else chunk
+        end = last_event_end(buf)
+        if end == len(buf):
+            self.pending = b""
+            self.sent = True
+            return buf
+        self.pending = buf[end:]
+        if end:
+            self.sent = True
+        return buf[:end]
+
+    def close(self) -> bytes:
+        """Clean end of stream: a final event without a blank line goes out as it came."""
+        out, self.pending = self.pending, b""
+        return out
+
+    def error(self, message: str) -> bytes:
+        """The upstream broke: drop the partial event, end with the dialect's error event."""
+        self.pending = b""
+        return self._error(message)

@@ -27,50 +27,70 @@ def _exception_frame(message: str) -> bytes:
     )
 
 
-def stream_error(message: str, last: bytes, path: str, tracker: "FrameTracker | None" = None) -> bytes:
-    # A frame cut short is completed with zeros: its CRC then fails in the client's parser,
-    # which raises rather than dropping the frame as a clean end.
-    pad = tracker.padding() if tracker is not None else b""
-    return pad + _exception_frame(message)
+class FrameFramer:
+    """Forwards whole event-stream frames, found by their length prefix without copying.
 
-
-class FrameTracker:
-    """Follows event-stream frame boundaries by their length prefix, without copying.
-
-    Only the 4-byte total-length prefix of each frame is read, so the cost is one
-    int.from_bytes per frame; the chunk itself is returned untouched.
+    Only the 4-byte total length of each frame is read; a frame split across chunks is
+    held until complete, so a break never leaves half a frame before the exception frame.
     """
 
-    __slots__ = ("need", "head")
+    __slots__ = ("pending", "need")
 
     def __init__(self) -> None:
-        self.need = 0  # bytes still owed by the current frame
-        self.head = b""  # a length prefix split across chunks
+        self.pending = b""
+        self.need = 0  # bytes of the current frame not yet seen
 
     def feed(self, chunk: bytes) -> bytes:
-        i, n = 0, len(chunk)
-        while i < n:
-            if self.need:
-                take = min(self.need, n - i)
-                self.need -= take
-                i += take
-                continue
-            want = 4 - len(self.head)
-            self.head += chunk[i:i + want]
-            i += want
-            if len(self.head) == 4:
-                total = int.from_bytes(self.head, "big")
-                self.head = b""
-                self.need = max(total - 4, 0)
+        buf = self.pending + chunk if self.pending else chunk
+        n = len(buf)
+        off = len(self.pending) + self.need if self.need else 0
+        if self.need and off > n:
+            self.need = off - n
+            self.pending = buf
+            return b""
+        # walk frame headers from the first frame start not yet accounted for
+        while off + 4 <= n:
+            total = int.from_bytes(buf[off:off + 4], "big")
+            if total < 16:  # not a frame: relay the rest untouched rather than stall
+                self.pending, self.need = b"", 0
+                return buf
+            if off + total > n:
+                break
+            off += total
+        self.need = 0
+        if off == n:
+            self.pending = b""
+            return buf
+        self.pending = buf[off:]
+        if len(self.pending) >= 4:
+            self.need = int.from_bytes(self.pending[:4], "big") - len(self.pending)
+        return buf[:off]
+
+    def close(self) -> bytes:
+        out, self.pending = self.pending, b""
+        return out
+
+    def error(self, message: str) -> bytes:
+        self.pending = b""
+        return _exception_frame(message)
+
+
+class RawFramer:
+    """Non-stream bodies relayed as they come (the relay buffers those anyway)."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> bytes:
         return chunk
 
-    def padding(self) -> bytes:
-        if self.head:
-            return b"\x00" * (4 - len(self.head)) + b"\x00" * 12
-        return b"\x00" * self.need
+    def close(self) -> bytes:
+        return b""
+
+    def error(self, message: str) -> bytes:
+        return b""
 
 
-def processor(path: str, content_type: str):
+def framer(path: str, content_type: str):
     if content_type.startswith(EVENTSTREAM):
-        return FrameTracker()
-    return None
+        return FrameFramer()
+    return RawFramer()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from ._shared import sse_boundary_pad
+from ._shared import SSEFramer
 
 _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
            404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 502: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
@@ -19,18 +19,52 @@ def error_response(status: int, message: str) -> tuple[list[tuple[str, str]], by
     return [("content-type", "application/json")], _error(status, message)
 
 
-def stream_error(message: str, last: bytes, path: str) -> bytes:
-    err = _error(502, message)
-    if "alt=sse" in path:
-        return sse_boundary_pad(last) + b"data: " + err + b"\r\n\r\n"
-    # JSON array stream: append one more element, then close the array.
-    tail = last.rstrip()
-    if not tail:
-        return b"[" + err + b"]"
-    if tail.endswith(b"["):
-        return err + b"]"
-    return b",\r\n" + err + b"]"
+def _sse_error(message: str) -> bytes:
+    return b"data: " + _error(502, message) + b"\r\n\r\n"
 
 
-def processor(path: str, content_type: str):
-    return None
+class JSONArrayFramer:
+    """The stream without alt=sse: one JSON array written incrementally.
+
+    Whole elements go out as they complete (cut by the codec, not parsed); on a break,
+    one more element carries the error and the array is closed, so the body stays JSON.
+    """
+
+    __slots__ = ("decoder", "sent")
+
+    def __init__(self) -> None:
+        from sidegate_codecs.jsonstream import JSONArrayStreamDecoder
+
+        self.decoder = JSONArrayStreamDecoder()
+        self.sent = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        from sidegate_codecs.errors import CodecError
+
+        try:
+            pieces = self.decoder.feed(chunk)
+        except CodecError:
+            # Not an array stream after all (or corrupt): relay it untouched.
+            return chunk
+        if not pieces:
+            return b""
+        self.sent = True
+        return pieces[0].raw if len(pieces) == 1 else b"".join(p.raw for p in pieces)
+
+    def close(self) -> bytes:
+        from sidegate_codecs.errors import CodecError
+
+        try:
+            return b"".join(p.raw for p in self.decoder.close())
+        except CodecError:
+            return b""
+
+    def error(self, message: str) -> bytes:
+        err = _error(502, message)
+        return (b",\r\n" + err + b"]") if self.sent else (b"[" + err + b"]")
+
+
+def framer(path: str, content_type: str):
+    if "alt=sse" in path or content_type.startswith("text/event-stream"):
+        return SSEFramer(_sse_error)
+    return JSONArrayFramer()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from ._shared import sse_boundary_pad
+from ._shared import SSEFramer
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 413: "invalid_request_error", 502: "upstream_error",
@@ -22,15 +22,17 @@ def error_response(status: int, message: str) -> tuple[list[tuple[str, str]], by
     return [("content-type", "application/json")], msgspec.json.encode({"error": _error(status, message)})
 
 
-def stream_error(message: str, last: bytes, path: str) -> bytes:
+def _chat_error(message: str) -> bytes:
+    return b"data: " + msgspec.json.encode({"error": _error(502, message)}) + b"\n\n"
+
+
+def _responses_error(message: str) -> bytes:
+    # the SDK raises on any event whose data carries an "error" object
     err = _error(502, message)
-    if "/responses" in path:
-        # the SDK raises on any event whose data carries an "error" object
-        body = msgspec.json.encode({"type": "error", "code": err["code"], "message": message,
-                                    "param": None, "error": err})
-        return sse_boundary_pad(last) + b"event: error\ndata: " + body + b"\n\n"
-    return sse_boundary_pad(last) + b"data: " + msgspec.json.encode({"error": err}) + b"\n\n"
+    body = msgspec.json.encode({"type": "error", "code": err["code"], "message": message,
+                                "param": None, "error": err})
+    return b"event: error\ndata: " + body + b"\n\n"
 
 
-def processor(path: str, content_type: str):
-    return None
+def framer(path: str, content_type: str) -> SSEFramer:
+    return SSEFramer(_responses_error if "/responses" in path else _chat_error)
