@@ -54,15 +54,15 @@ def test_each_event_goes_out_as_soon_as_it_is_complete(gateway, upstream):
     upstream.enqueue(Reply.fixture(fixture, chunk_sizes=[1], delay_between_chunks=0.0002))
     resp = _fetch(gateway, TARGETS["openai-chat"])
     assert resp.body == body
-    events = [e + b"\n\n" for e in body.split(b"\n\n") if e]
-    assert resp.chunk_sizes == [len(e) for e in events]
+    assert body.endswith(b"\n\n")
+    assert resp.chunk_sizes == [len(e) + 2 for e in body.split(b"\n\n")[:-1]]
 
 
 def test_chunks_ending_on_event_boundaries_keep_their_chunking(gateway, upstream):
     fixture = "anthropic/anth-sdk-text.sse"
     body = load_fixture(fixture)
-    events = [e + b"\n\n" for e in body.split(b"\n\n") if e]
-    sizes = [len(e) for e in events]
+    sizes = [len(e) + 2 for e in body.split(b"\n\n")[:-1]]
+    sizes.append(len(body) - sum(sizes))  # the final event has no blank line after it
     upstream.enqueue(Reply.fixture(fixture, chunk_sizes=sizes, delay_between_chunks=0.005))
     resp = _fetch(gateway, TARGETS["anthropic"])
     assert resp.body == body
