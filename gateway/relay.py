@@ -12,6 +12,8 @@ import logging
 import os
 import time
 
+from urllib.parse import quote
+
 import msgspec
 from granian.rsgi import ProtocolClosed
 
@@ -30,6 +32,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "host", "content-length", "accept-encoding"})
 RESPONSE_DROP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-connection",
                            "te", "trailer", "transfer-encoding", "upgrade", "content-length"})
+PATH_SAFE = "/:@!$&'()*+,;=-._~"
 STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
 # Non-stream bodies are read whole (the governance step needs them whole); past this
 # size the upstream answer is refused with 502 rather than held in memory.
@@ -117,7 +120,10 @@ class Relay:
                                f"sidegate: request body exceeds {self.max_body} bytes")
 
         up = route.upstream
-        target = up.base_path + rest
+        # granian hands over a percent-decoded path: encode it again, keeping the
+        # characters that RFC 3986 allows in a path segment (":" of model ids among them)
+        target = up.base_path + (rest if rest.isascii() and " " not in rest and "%" not in rest
+                                 and "?" not in rest and "#" not in rest else quote(rest, safe=PATH_SAFE))
         if query:
             target = f"{target}?{query}"
         if traceparent is None:

@@ -12,6 +12,7 @@ import asyncio
 import ssl
 
 import aiohttp
+from yarl import URL
 
 from .routes import Upstream
 
@@ -96,7 +97,9 @@ class Pool:
 
     async def request(self, method: str, upstream: Upstream, target: str,
                       headers: list[tuple[str, str]], body: bytes) -> Response:
-        url = f"{upstream.scheme}://{upstream.host_header}{target}"
+        # encoded=True: the path and query go out exactly as the client sent them (a
+        # re-quoted path would also break a SigV4 signature computed over it).
+        url = URL(f"{upstream.scheme}://{upstream.host_header}{target}", encoded=True)
         try:
             resp = await self._session._request(  # noqa: SLF001 - skips a context-manager wrapper
                 method, url, data=body or None, headers=headers, allow_redirects=False,
