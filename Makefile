@@ -1,0 +1,30 @@
+# Two set-up commands on a fresh machine:
+#   make serve   create .venv, install sidegate, run the gateway on embedded defaults
+#   make test    create .venv, install sidegate with test extras, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test bench bench-quick install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/sidegate serve
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m pytest bench/bench_codecs.py --benchmark-enable -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks
