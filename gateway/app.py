@@ -43,7 +43,15 @@ class ProxyApp:
     async def __rsgi__(self, scope, proto) -> None:
         if scope.proto != "http":
             return
-        await self.relay(scope, proto)
+        try:
+            await self.relay(scope, proto)
+        except Exception as e:  # a bug must not leak details (or secrets) to the client
+            logging.getLogger("sidegate.relay").exception("internal error: %s", type(e).__name__)
+            try:
+                proto.response_bytes(500, [("content-type", "application/json")],
+                                     b'{"error":{"type":"sidegate_internal_error","message":"sidegate: internal error"}}')
+            except Exception:
+                pass  # the response had already started
 
 
 app = ProxyApp()

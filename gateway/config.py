@@ -63,6 +63,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     allow_public_listen: bool = False
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     traces: Traces = msgspec.field(default_factory=Traces)
+    escalations: str = "./sidegate-data/escalations.sqlite"
     routes: dict[str, Route] = msgspec.field(default_factory=dict)
     log_level: str = "info"
 
@@ -79,6 +80,7 @@ ENV_FIELDS = {
     "SIDEGATE_READ_TIMEOUT": "timeouts.read",
     "SIDEGATE_TOTAL_TIMEOUT": "timeouts.total",
     "SIDEGATE_TRACES": "traces.path",
+    "SIDEGATE_ESCALATIONS": "escalations",
     "SIDEGATE_LOG_LEVEL": "log_level",
 }
 

@@ -48,3 +48,17 @@ def upstream_latency(provider: str, ms: float) -> None:
 
 def streams(provider: str):
     return _child(ACTIVE_STREAMS, (provider,))
+
+TOOL_CALLS = Counter("sidegate_tool_calls", "Tool calls decided", ["provider", "tenant", "decision"])
+DECISION_LATENCY = Histogram("sidegate_decision_latency_ms", "Time to decide one tool call, ms",
+                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000))
+ESCALATIONS = Counter("sidegate_escalations", "Escalations by event", ["event"])
+
+
+def decision(provider: str, tenant: str, outcome: str, ms: float) -> None:
+    _child(TOOL_CALLS, (provider, tenant_label(tenant), outcome)).inc()
+    DECISION_LATENCY.observe(ms)
+
+
+def escalation(event: str) -> None:
+    _child(ESCALATIONS, (event,)).inc()

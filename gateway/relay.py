@@ -20,7 +20,12 @@ from granian.rsgi import ProtocolClosed
 from . import metrics, routes
 from .bedrock_sign import CLIENT_SIGNING_HEADERS, Signer
 from .config import Config
+from .decision import CallContext, Decider
 from .dialects import BY_NAME as DIALECTS
+from .escalations import EscalationStore
+from .governance import registry
+from .governance.base import Verdict
+from .policy import PolicyStore
 from .metadata import HEADER_FIELDS, KEY_HEADERS, SUFFIX, Meta, MetadataError, split_key, strip_query_key
 from .upstream import Pool, UpstreamClosed, UpstreamConnectError, UpstreamError, UpstreamTimeout
 
@@ -54,6 +59,9 @@ class Relay:
         self.token = cfg.proxy_token.encode() if cfg.proxy_token else None
         self.pool: Pool | None = None
         self.signers = {}
+        self.policies = PolicyStore(cfg.policy)
+        self.decider = Decider(EscalationStore(cfg.escalations))
+        self._background: set[asyncio.Task] = set()
         self._not_found = msgspec.json.encode({
             "error": {"type": "not_found", "message": "sidegate: no route for this path",
                       "valid_prefixes": routes.prefixes()}})
@@ -65,6 +73,7 @@ class Relay:
     async def stop(self) -> None:
         if self.pool is not None:
             await self.pool.aclose()
+        await self.decider.aclose()
 
     # -- request side -------------------------------------------------------------
 
@@ -213,21 +222,75 @@ class Relay:
                     continue
                 headers.append((lname, sval))
             status = resp.status
+            gmod = registry.module_for(route.dialect, target) if status == 200 else None
+            gctx = self._governance(route, meta, target, body) if gmod is not None else None
             if ctype.startswith(STREAM_TYPES) or (route.dialect == "gemini" and ":streamGenerateContent" in target):
-                await self._stream(proto, resp, route, dialect, status, headers, ctype, target)
+                if gmod is not None:
+                    framer = gmod.Governor(target, ctype, gctx[2])
+                else:
+                    framer = dialect.framer(target, ctype)
+                await self._stream(proto, resp, route, framer, gctx, status, headers)
             else:
                 try:
                     data = await resp.read_all(BUFFER_LIMIT)
                 except UpstreamError as e:
                     return self._error(proto, dialect, 502, route, meta, f"sidegate: {e}")
+                if gmod is not None:
+                    data = await self._govern_body(gmod, target, data, gctx)
                 proto.response_bytes(status, headers, data)
             metrics.request_done(provider, tenant, status)
         finally:
             resp.close()
 
-    async def _stream(self, proto, resp, route, dialect, status, headers, ctype, target) -> None:
+    # -- governance -----------------------------------------------------------------
+
+    def _governance(self, route, meta, target, body):
+        """(policy, effective policy, enforce?, call context) for one response."""
+        policy = self.policies.current(time.monotonic())
+        eff = policy.for_tenant(meta.tenant)
+        mode = meta.mode or eff.mode
+        # Nothing can be denied under an allow-all policy: govern in observe mode (no holding).
+        trivial = not eff.rules and eff.default == "allow" and policy.authority is None
+        enforce = mode == "enforce" and not trivial
+        ctx = CallContext(route.provider, meta.tenant or "", meta.actor or "", _model_of(route.dialect, target, body))
+        return policy, eff, enforce, ctx
+
+    async def _decide_all(self, calls, gctx) -> list[Verdict]:
+        policy, eff, enforce, ctx = gctx
+        if enforce:
+            return [await self.decider.decide(policy, eff, c, ctx) for c in calls]
+        # Observe: decisions are recorded beside the stream, never waited for.
+        task = asyncio.ensure_future(self._observe(calls, gctx))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return [_OBSERVED] * len(calls)
+
+    async def _observe(self, calls, gctx) -> None:
+        policy, eff, _, ctx = gctx
+        for c in calls:
+            c.verdict = await self.decider.decide(policy, eff, c, ctx, open_escalations=False)
+
+    async def _govern_body(self, gmod, target, data: bytes, gctx) -> bytes:
+        calls = gmod.extract(target, data)
+        if not calls:
+            return data
+        verdicts = await self._decide_all(calls, gctx)
+        if gctx[2] and not all(v.allowed for v in verdicts):
+            for c, v in zip(calls, verdicts):
+                c.verdict = v
+            return gmod.rewrite(target, data, calls, verdicts)
+        return data
+
+    async def _resolve(self, gov, gctx) -> bytes:
+        out = b""
+        while gov.pending:
+            out += gov.resolve(await self._decide_all(list(gov.pending), gctx))
+        return out
+
+    # -- streaming --------------------------------------------------------------------
+
+    async def _stream(self, proto, resp, route, framer, gctx, status, headers) -> None:
         transport = proto.response_stream(status, headers)
-        framer = dialect.framer(target, ctype)
         gauge = metrics.streams(route.provider)
         gauge.inc()
         try:
@@ -240,10 +303,15 @@ class Relay:
                     return
                 if not chunk:
                     tail = framer.close()
+                    while framer.pending:
+                        tail += await self._resolve(framer, gctx)
+                        tail += framer.close()
                     if tail:
                         await transport.send_bytes(tail)
                     return
                 out = framer.feed(chunk)
+                if framer.pending:
+                    out += await self._resolve(framer, gctx)
                 if out:
                     await transport.send_bytes(out)
         except ProtocolClosed:
@@ -256,6 +324,27 @@ class Relay:
         headers, body = dialect.error_response(status, message)
         proto.response_bytes(status, headers, body)
         metrics.request_done(route.provider, metrics.tenant_label(meta.tenant), status)
+
+
+_OBSERVED = Verdict("allow", "observe mode")
+
+
+def _model_of(dialect: str, target: str, body: bytes) -> str:
+    """The model id, for the authority and traces: from the path where the API puts it
+    there, else from the request body (decoding only the `model` field)."""
+    path = target.partition("?")[0]
+    if dialect == "bedrock" and "/model/" in path:
+        return path.split("/model/", 1)[1].split("/", 1)[0]
+    if dialect == "gemini" and "/models/" in path:
+        return path.rsplit("/models/", 1)[1].split(":", 1)[0]
+    try:
+        return msgspec.json.decode(body, type=_ModelField).model
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ""
+
+
+class _ModelField(msgspec.Struct):
+    model: str = ""
 
 
 async def _cancel_on_disconnect(proto, task: asyncio.Task) -> None:

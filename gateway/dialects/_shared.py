@@ -23,34 +23,35 @@ def last_event_end(buf: bytes) -> int:
 
 
 class SSEFramer:
-    __slots__ = ("pending", "sent", "_error")
+    __slots__ = ("_partial", "sent", "_error")
+    pending = calls = ()  # plain framers see no tool calls
 
     def __init__(self, error_event) -> None:
-        self.pending = b""
+        self._partial = b""
         self.sent = False
         self._error = error_event
 
     def feed(self, chunk: bytes) -> bytes:
-        if not self.pending and chunk.endswith((b"\n\n", b"\r\n\r\n")):
+        if not self._partial and chunk.endswith((b"\n\n", b"\r\n\r\n")):
             self.sent = True
             return chunk
-        buf = self.pending + chunk if self.pending else chunk
+        buf = self._partial + chunk if self._partial else chunk
         end = last_event_end(buf)
         if end == len(buf):
-            self.pending = b""
+            self._partial = b""
             self.sent = True
             return buf
-        self.pending = buf[end:]
+        self._partial = buf[end:]
         if end:
             self.sent = True
         return buf[:end]
 
     def close(self) -> bytes:
         """Clean end of stream: a final event without a blank line goes out as it came."""
-        out, self.pending = self.pending, b""
+        out, self._partial = self._partial, b""
         return out
 
     def error(self, message: str) -> bytes:
         """The upstream broke: drop the partial event, end with the dialect's error event."""
-        self.pending = b""
+        self._partial = b""
         return self._error(message)

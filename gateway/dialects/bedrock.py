@@ -34,44 +34,45 @@ class FrameFramer:
     held until complete, so a break never leaves half a frame before the exception frame.
     """
 
-    __slots__ = ("pending", "need")
+    __slots__ = ("_partial", "need")
+    pending = calls = ()  # plain framers see no tool calls
 
     def __init__(self) -> None:
-        self.pending = b""
+        self._partial = b""
         self.need = 0  # bytes of the current frame not yet seen
 
     def feed(self, chunk: bytes) -> bytes:
-        buf = self.pending + chunk if self.pending else chunk
+        buf = self._partial + chunk if self._partial else chunk
         n = len(buf)
-        off = len(self.pending) + self.need if self.need else 0
+        off = len(self._partial) + self.need if self.need else 0
         if self.need and off > n:
             self.need = off - n
-            self.pending = buf
+            self._partial = buf
             return b""
         # walk frame headers from the first frame start not yet accounted for
         while off + 4 <= n:
             total = int.from_bytes(buf[off:off + 4], "big")
             if total < 16:  # not a frame: relay the rest untouched rather than stall
-                self.pending, self.need = b"", 0
+                self._partial, self.need = b"", 0
                 return buf
             if off + total > n:
                 break
             off += total
         self.need = 0
         if off == n:
-            self.pending = b""
+            self._partial = b""
             return buf
-        self.pending = buf[off:]
-        if len(self.pending) >= 4:
-            self.need = int.from_bytes(self.pending[:4], "big") - len(self.pending)
+        self._partial = buf[off:]
+        if len(self._partial) >= 4:
+            self.need = int.from_bytes(self._partial[:4], "big") - len(self._partial)
         return buf[:off]
 
     def close(self) -> bytes:
-        out, self.pending = self.pending, b""
+        out, self._partial = self._partial, b""
         return out
 
     def error(self, message: str) -> bytes:
-        self.pending = b""
+        self._partial = b""
         return _exception_frame(message)
 
 
@@ -79,6 +80,7 @@ class RawFramer:
     """Non-stream bodies relayed as they come (the relay buffers those anyway)."""
 
     __slots__ = ()
+    pending = calls = ()
 
     def feed(self, chunk: bytes) -> bytes:
         return chunk

@@ -31,6 +31,7 @@ class JSONArrayFramer:
     """
 
     __slots__ = ("decoder", "sent")
+    pending = calls = ()  # plain framers see no tool calls
 
     def __init__(self) -> None:
         from sidegate_codecs.jsonstream import JSONArrayStreamDecoder

@@ -1,0 +1,205 @@
+"""Policy file: YAML into msgspec Structs, regexes compiled with RE2 (linear time).
+
+First matching rule wins; `default` applies when none matches. Per-tenant overrides
+replace `mode`, `default` and (when given) `rules` for that tenant.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import re2
+import yaml
+
+from .config import ConfigError, FieldError, _located, _yaml_line
+
+log = logging.getLogger("sidegate.policy")
+
+Decision = Literal["allow", "deny", "escalate"]
+Mode = Literal["observe", "enforce"]
+
+
+class RuleSpec(msgspec.Struct, forbid_unknown_fields=True):
+    decision: Decision
+    name: str | None = None
+    tool: str | None = None  # regex on the tool name
+    args: str | None = None  # regex on the canonical JSON arguments
+    actor: str | None = None  # regex on the actor id
+    reason: str | None = None
+
+
+class AuthoritySpec(msgspec.Struct, forbid_unknown_fields=True):
+    url: str
+    timeout_ms: int = 250
+    on_error: Decision = "deny"
+
+
+class TenantSpec(msgspec.Struct, forbid_unknown_fields=True):
+    mode: Mode | None = None
+    default: Decision | None = None
+    rules: list[RuleSpec] | None = None
+
+
+class PolicySpec(msgspec.Struct, forbid_unknown_fields=True):
+    mode: Mode = "enforce"
+    default: Decision = "allow"
+    rules: list[RuleSpec] = msgspec.field(default_factory=list)
+    authority: AuthoritySpec | None = None
+    tenants: dict[str, TenantSpec] = msgspec.field(default_factory=dict)
+    permit_ttl_s: int = 3600  # how long an approval stays usable
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # an unsupported pattern must not print to stderr
+
+
+class Rule:
+    __slots__ = ("name", "tool", "args", "actor", "decision", "reason")
+
+    def __init__(self, spec: RuleSpec, where: str) -> None:
+        self.name = spec.name or where
+        self.decision = spec.decision
+        self.reason = spec.reason or f"rule {self.name}"
+        self.tool = _compile(spec.tool, f"{where}.tool")
+        self.args = _compile(spec.args, f"{where}.args")
+        self.actor = _compile(spec.actor, f"{where}.actor")
+
+    def matches(self, tool: str, args: str, actor: str) -> bool:
+        return ((self.tool is None or self.tool.search(tool) is not None)
+                and (self.actor is None or self.actor.search(actor) is not None)
+                and (self.args is None or self.args.search(args) is not None))
+
+
+def _compile(pattern: str | None, field: str):
+    if pattern is None:
+        return None
+    try:
+        return re2.compile(pattern, options=_RE2_OPTIONS)
+    except re2.error as e:
+        msg = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise FieldError(field, f"not a valid RE2 regular expression: {msg}") from None
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    decision: str
+    reason: str
+    rule: str | None
+
+
+class Effective:
+    """The policy as one tenant sees it."""
+
+    __slots__ = ("mode", "default", "rules")
+
+    def __init__(self, mode: str, default: str, rules: list[Rule]) -> None:
+        self.mode = mode
+        self.default = default
+        self.rules = rules
+
+    def evaluate(self, tool: str, args: str, actor: str) -> Outcome:
+        for rule in self.rules:
+            if rule.matches(tool, args, actor):
+                return Outcome(rule.decision, rule.reason, rule.name)
+        return Outcome(self.default, "no rule matched" if self.default != "allow" else "", None)
+
+
+class Policy:
+    def __init__(self, spec: PolicySpec, source: str = "<embedded>") -> None:
+        self.spec = spec
+        self.source = source
+        rules = [Rule(r, f"rules.{i}") for i, r in enumerate(spec.rules)]
+        self.base = Effective(spec.mode, spec.default, rules)
+        self.tenants: dict[str, Effective] = {}
+        for name, t in spec.tenants.items():
+            trules = rules if t.rules is None else [Rule(r, f"tenants.{name}.rules.{i}") for i, r in enumerate(t.rules)]
+            self.tenants[name] = Effective(t.mode or spec.mode, t.default or spec.default, trules)
+        self.authority = spec.authority
+
+    def for_tenant(self, tenant: str | None) -> Effective:
+        return self.tenants.get(tenant, self.base) if tenant else self.base
+
+
+ALLOW_ALL = Policy(PolicySpec())
+
+
+def load_policy(path: str | os.PathLike) -> Policy:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read policy file: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: field (top level): expected a mapping")
+    try:
+        spec = msgspec.convert(raw, PolicySpec, str_keys=True)
+    except msgspec.ValidationError as e:
+        raise _located(path, text, e) from None
+    try:
+        return Policy(spec, str(path))
+    except FieldError as e:
+        line = _yaml_line(text, e.field)
+        raise ConfigError(f"{path}{':' + str(line) if line else ''}: field {e.field}: {e}") from None
+
+
+def load_or_default(path: str | None) -> Policy:
+    """Start-up: a missing default file means allow-all in enforce mode; a bad file stops."""
+    if path and Path(path).exists():
+        return load_policy(path)
+    return ALLOW_ALL
+
+
+class PolicyStore:
+    """The live policy of one worker, reloaded when the file changes.
+
+    A bad file seen on reload is refused and logged; the last good policy stays.
+    """
+
+    def __init__(self, path: str | None, check_every: float = 1.0) -> None:
+        self.path = path
+        self.policy = load_or_default(path)
+        self._stamp = self._file_stamp()
+        self._next_check = 0.0
+        self._check_every = check_every
+
+    def _file_stamp(self):
+        if not self.path:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def current(self, now: float) -> Policy:
+        if now >= self._next_check:
+            self._next_check = now + self._check_every
+            self.maybe_reload()
+        return self.policy
+
+    def maybe_reload(self) -> bool:
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        if stamp is None:
+            log.warning("policy file %s disappeared; keeping the last good policy", self.path)
+            return False
+        try:
+            self.policy = load_policy(self.path)
+        except ConfigError as e:
+            log.error("policy reload refused, keeping the last good policy: %s", e)
+            return False
+        log.info("policy reloaded from %s", self.path)
+        return True
