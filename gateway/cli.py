@@ -7,6 +7,7 @@ import sys
 
 from . import config as config_mod
 from . import routes
+from .policy import load_or_default
 from .config import ConfigError
 
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_mod.load(args.config, flags=flags)
         routes.build(cfg)  # region names and upstream URLs fail here, before any worker starts
+        if args.cmd == "serve":
+            load_or_default(cfg.policy)  # a bad policy file stops start-up too
     except ConfigError as e:
         print(f"sidegate: configuration error: {e}", file=sys.stderr)
         return 2
