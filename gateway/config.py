@@ -252,23 +252,23 @@ def validate(cfg: Config) -> None:
     host, _ = _hostport(cfg.listen, "listen")
     _hostport(cfg.ops_listen, "ops_listen")
     if cfg.workers < 1:
-        raise FieldError(f"workers", f"must be >= 1")
+        raise FieldError("workers", "must be >= 1")
     if cfg.max_request_bytes < 1:
-        raise FieldError(f"max_request_bytes", f"must be >= 1")
+        raise FieldError("max_request_bytes", "must be >= 1")
     for name, route in cfg.routes.items():
         if name not in PROVIDERS:
             raise FieldError(f"routes.{name}", f"unknown route, expected one of {', '.join(PROVIDERS)}")
         if route.upstream:
             parts = urlsplit(route.upstream)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise FieldError(f"routes.{name}.upstream", f"expected an http:// or https:// base URL")
+                raise FieldError(f"routes.{name}.upstream", "expected an http:// or https:// base URL")
             if parts.query or parts.fragment or parts.username:
-                raise FieldError(f"routes.{name}.upstream", f"no query, fragment or user info allowed")
+                raise FieldError(f"routes.{name}.upstream", "no query, fragment or user info allowed")
         if route.credential and not (route.credential.env or route.credential.file):
-            raise FieldError(f"routes.{name}.credential", f"set env or file")
+            raise FieldError(f"routes.{name}.credential", "set env or file")
     injecting = any(r.credential for r in cfg.routes.values())
     if not is_loopback(host):
         if injecting:
-            raise FieldError(f"listen", f"credential injection is on, so the proxy must listen on loopback")
+            raise FieldError("listen", "credential injection is on, so the proxy must listen on loopback")
         if not cfg.allow_public_listen:
-            raise FieldError(f"listen", f"{host} is not loopback; set allow_public_listen: true to expose the proxy")
+            raise FieldError("listen", f"{host} is not loopback; set allow_public_listen: true to expose the proxy")

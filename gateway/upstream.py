@@ -8,7 +8,6 @@ stream with an in-band error.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 
 import aiohttp

@@ -10,7 +10,7 @@ import pytest
 from tests.support import sdk_drivers as sdk
 from tests.support.fake_upstream import Reply, load_fixture, unused_port
 from tests.support.gateway_proc import Gateway
-from tests.support.rawclient import IncompleteBody, RawClient
+from tests.support.rawclient import RawClient
 
 SECRETS = ("sk-test", "sk-ant-test", "AIza-test-key", "client-secret-test")
 
