@@ -1,0 +1,97 @@
+"""Tool-call governance for Bedrock InvokeModel / InvokeModelWithResponseStream (Claude).
+
+Streaming (`.../invoke-with-response-stream`, application/vnd.amazon.eventstream): each
+`chunk` frame's payload is `{"bytes": "<base64 of one Anthropic event JSON>"}` (real
+Bedrock adds a `"p"` padding field). The Anthropic block logic (anthropic.py) runs on the
+decoded inner events. Untouched frames go out byte for byte; a rewritten event is
+re-base64'd into a new frame with the original frame's headers (encode_message computes
+both CRCs). Bodies of other model families (inner JSON without an Anthropic `type`) are
+never changed.
+
+Cheap test: the base64 text of `"tool_use"` is one of three fixed strings depending on
+its alignment, so a frame is only decoded (JSON + base64) when its payload contains one
+of them -- or a backslash, in case a JSON encoder escaped the `/` of the base64 text.
+
+Non-streaming (`.../invoke`): the body is an Anthropic Messages `message`: the Anthropic
+extract / rewrite apply as they are.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import msgspec
+from sidegate_codecs.eventstream import EventStreamDecoder, encode_message
+
+from ..dialects.bedrock import exception_frame
+from .anthropic import (
+    NEEDLE,
+    AnthropicEventGovernor,
+    extract,
+    rewrite,
+    stop_to_end_turn,
+)
+
+__all__ = ["Governor", "extract", "rewrite"]
+
+
+def _b64_needles(s: bytes) -> tuple[bytes, ...]:
+    """Base64 text that every occurrence of `s` in the encoded bytes must contain, one per
+    alignment (the whole 3-byte groups of `s`, whose encoding does not depend on context)."""
+    out = []
+    for k in range(3):
+        g = (len(s) - k) // 3
+        out.append(base64.b64encode(s[k:k + 3 * g]))
+    return tuple(out)
+
+
+_N0, _N1, _N2 = _b64_needles(NEEDLE)
+
+
+class _Chunk(msgspec.Struct):
+    b64: str = msgspec.field(name="bytes", default="")
+
+
+_chunk_dec = msgspec.json.Decoder(_Chunk)
+
+
+def _inner(ev) -> bytes | None:
+    """The Anthropic event JSON inside a `chunk` frame, or None."""
+    if ev.headers.get(":event-type") != "chunk":
+        return None
+    try:
+        return binascii.a2b_base64(_chunk_dec.decode(ev.payload).b64, strict_mode=True)
+    except (msgspec.DecodeError, binascii.Error, ValueError):
+        return None
+
+
+class Governor(AnthropicEventGovernor):
+    __slots__ = ()
+
+    def __init__(self, path: str = "", content_type: str = "application/vnd.amazon.eventstream",
+                 enforce: bool = True) -> None:
+        super().__init__(EventStreamDecoder(), enforce, exception_frame)
+
+    def on_event(self, ev) -> bytes:
+        if self._open is None:
+            p = ev.payload
+            if _N0 not in p and _N1 not in p and _N2 not in p and b"\\" not in p:
+                return ev.raw
+            inner = _inner(ev)
+            if inner is None or NEEDLE not in inner:
+                return ev.raw
+            return self._outside(ev, inner)
+        return self._inside(ev, _inner(ev))
+
+    def _frame(self, name: bytes, inner: bytes, like) -> bytes:
+        headers = like.headers
+        for v in headers.values():
+            if type(v) is not str:  # keep exact wire types (int8 vs int32, ...)
+                headers = like.typed_headers
+                break
+        # (a dict of strings is encoded in wire order, and encode_headers caches it)
+        return encode_message(headers, b'{"bytes":"' + binascii.b2a_base64(inner, newline=False) + b'"}')
+
+    def _restop(self, ev, inner: bytes) -> bytes:
+        return self._frame(b"message_delta", stop_to_end_turn(inner), ev)
