@@ -131,6 +131,11 @@ class JSONArrayStreamDecoder:
         return self._base
 
     @property
+    def buffered(self) -> int:
+        """Bytes held back: the part of an element (or the tail) not yet returned."""
+        return len(self._buf)
+
+    @property
     def done(self) -> bool:
         """The closing ``]`` has been seen."""
         return self._state == _DONE

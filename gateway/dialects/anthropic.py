@@ -15,10 +15,10 @@ def error_response(status: int, message: str) -> tuple[list[tuple[str, str]], by
     return [("content-type", "application/json")], msgspec.json.encode(body)
 
 
-def _stream_error(message: str) -> bytes:
+def stream_error(message: str) -> bytes:
     body = msgspec.json.encode({"type": "error", "error": {"type": "api_error", "message": message}})
     return b"event: error\ndata: " + body + b"\n\n"
 
 
 def framer(path: str, content_type: str) -> SSEFramer:
-    return SSEFramer(_stream_error)
+    return SSEFramer(stream_error)

@@ -17,7 +17,7 @@ def error_response(status: int, message: str) -> tuple[list[tuple[str, str]], by
             msgspec.json.encode({"message": message}))
 
 
-def _exception_frame(message: str) -> bytes:
+def exception_frame(message: str) -> bytes:
     from sidegate_codecs.eventstream import encode_message
 
     return encode_message(
@@ -73,7 +73,7 @@ class FrameFramer:
 
     def error(self, message: str) -> bytes:
         self._partial = b""
-        return _exception_frame(message)
+        return exception_frame(message)
 
 
 class RawFramer:

@@ -19,7 +19,7 @@ def error_response(status: int, message: str) -> tuple[list[tuple[str, str]], by
     return [("content-type", "application/json")], _error(status, message)
 
 
-def _sse_error(message: str) -> bytes:
+def sse_error(message: str) -> bytes:
     return b"data: " + _error(502, message) + b"\r\n\r\n"
 
 
@@ -67,5 +67,5 @@ class JSONArrayFramer:
 
 def framer(path: str, content_type: str):
     if "alt=sse" in path or content_type.startswith("text/event-stream"):
-        return SSEFramer(_sse_error)
+        return SSEFramer(sse_error)
     return JSONArrayFramer()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+from sidegate_codecs.errors import CodecError
 
 ALLOW, DENY, ESCALATE = "allow", "deny", "escalate"
 
@@ -77,7 +78,8 @@ class EventGovernor:
     `resolve()`. Observe mode never holds: handlers must return `ev.raw` there.
     """
 
-    __slots__ = ("decoder", "enforce", "pending", "calls", "_queue", "_error_frame", "_closed", "_finished")
+    __slots__ = ("decoder", "enforce", "pending", "calls", "_queue", "_error_frame", "_closed", "_finished",
+                 "_dead")
 
     def __init__(self, decoder, enforce: bool, error_frame) -> None:
         self.decoder = decoder
@@ -86,7 +88,7 @@ class EventGovernor:
         self.calls: list[ToolCall] = []
         self._queue: list = []
         self._error_frame = error_frame
-        self._closed = self._finished = False
+        self._closed = self._finished = self._dead = False
 
     # -- to implement ---------------------------------------------------------------
     def on_event(self, ev) -> bytes:  # pragma: no cover - abstract
@@ -98,10 +100,20 @@ class EventGovernor:
     def on_close(self) -> bytes:
         return b""
 
+    def requeue(self, ev) -> None:
+        """Handle `ev` again after the calls now pending are resolved (an event that ends
+        an unterminated tool block belongs behind that block's verdict)."""
+        self._queue.insert(0, ev)
+
     # -- driven by the relay ----------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
+        if self._dead:
+            return b""
         had_partial = self.decoder.buffered
-        events = self.decoder.feed(chunk)
+        try:
+            events = self.decoder.feed(chunk)
+        except CodecError as e:
+            return self._fail(e)
         if self._queue or self.pending:
             self._queue.extend(events)
             return self._drain() if not self.pending else b""
@@ -141,14 +153,25 @@ class EventGovernor:
     def close(self) -> bytes:
         """End of stream. If calls are still pending afterwards, the relay resolves them
         and calls close() again; `on_close` runs once, after the last event."""
+        if self._dead:
+            return b""
         if not self._closed:
             self._closed = True
-            self._queue.extend(self.decoder.close())
+            try:
+                self._queue.extend(self.decoder.close())
+            except CodecError as e:
+                return self._fail(e)
         out = self._drain()
         if self.pending or self._finished:
             return out
         self._finished = True
         return out + self.on_close()
+
+    def _fail(self, err: CodecError) -> bytes:
+        # Fail closed: held tool frames are dropped, nothing undecided reaches the client.
+        self._dead = True
+        self.pending.clear()
+        return self.error(f"sidegate: undecodable upstream stream: {err}")
 
     def error(self, message: str) -> bytes:
         self._queue.clear()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+from itertools import pairwise
 from dataclasses import dataclass, field
 
 
@@ -219,13 +220,46 @@ def gemini_generate(base: str, stream: bool, route: str = "gemini", client=None)
             if cand.index not in (None, 0):
                 continue
             for part in (cand.content.parts if cand.content and cand.content.parts else []):
-                if part.function_call:
-                    calls.append({"name": part.function_call.name, "arguments": part.function_call.args or {}})
+                fc = part.function_call
+                if fc is not None:
+                    # Vertex streams arguments as partialArgs fragments after a named part
+                    if fc.name:
+                        calls.append({"name": fc.name, "arguments": dict(fc.args or {})})
+                    for pa in fc.partial_args or []:
+                        set_partial_arg(calls[-1]["arguments"], pa)
                 elif part.text and not part.thought:
                     text.append(part.text)
             if cand.finish_reason:
                 stop = cand.finish_reason.value if hasattr(cand.finish_reason, "value") else str(cand.finish_reason)
     return Outcome(calls, "".join(text), stop)
+
+
+def set_partial_arg(root: dict, pa) -> None:
+    """Apply one Vertex partialArgs fragment (a JSON path and a string piece) to `root`;
+    independent of the gateway's own assembler, and enough for the recorded paths."""
+    keys: list = []
+    for seg in pa.json_path.lstrip("$").lstrip(".").split("."):
+        name, _, rest = seg.partition("[")
+        keys.append(name)
+        if rest:
+            keys.extend(int(x) for x in rest.rstrip("]").split("]["))
+    node = root
+    for k, nxt in pairwise(keys):
+        if isinstance(node, list):
+            while len(node) <= k:
+                node.append(None)
+            if node[k] is None:
+                node[k] = [] if isinstance(nxt, int) else {}
+            node = node[k]
+        else:
+            node = node.setdefault(k, [] if isinstance(nxt, int) else {})
+    last = keys[-1]
+    if isinstance(node, list):
+        while len(node) <= last:
+            node.append(None)
+        node[last] = (node[last] or "") + pa.string_value if pa.string_value is not None else node[last]
+    elif pa.string_value is not None:
+        node[last] = node.get(last, "") + pa.string_value
 
 
 def decode_b64_chunk(payload: bytes) -> dict:
