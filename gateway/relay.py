@@ -236,7 +236,13 @@ class Relay:
                 except UpstreamError as e:
                     return self._error(proto, dialect, 502, route, meta, f"sidegate: {e}")
                 if gmod is not None:
-                    data = await self._govern_body(gmod, target, data, gctx)
+                    try:
+                        data = await self._govern_body(gmod, target, data, gctx)
+                    except Exception as e:  # fail closed in enforce mode, pass in observe
+                        log.exception("%s: governing the body failed: %s", provider, type(e).__name__)
+                        if gctx[2]:
+                            return self._error(proto, dialect, 502, route, meta,
+                                               "sidegate: internal error while governing the response")
                 proto.response_bytes(status, headers, data)
             metrics.request_done(provider, tenant, status)
         finally:
@@ -309,9 +315,14 @@ class Relay:
                     if tail:
                         await transport.send_bytes(tail)
                     return
-                out = framer.feed(chunk)
-                if framer.pending:
-                    out += await self._resolve(framer, gctx)
+                try:
+                    out = framer.feed(chunk)
+                    if framer.pending:
+                        out += await self._resolve(framer, gctx)
+                except Exception as e:  # a governor bug: fail closed, never relay undecided calls
+                    log.exception("%s: stream processing failed: %s", route.provider, type(e).__name__)
+                    await transport.send_bytes(framer.error("sidegate: internal error while governing the stream"))
+                    return
                 if out:
                     await transport.send_bytes(out)
         except ProtocolClosed:
