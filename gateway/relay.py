@@ -1,7 +1,9 @@
-"""The proxy pipeline: route -> request filter -> upstream -> response processor -> client.
+"""The proxy pipeline: route -> request filter -> upstream -> response governor -> client.
 
-Written against granian's RSGI protocol. The hot path moves bytes: untouched chunks go
-to the client as the same bytes objects the upstream client produced.
+Served as ASGI by granian: its ASGI `send` waits when the client stops reading, which
+bounds memory with a stalled reader (its RSGI `send_bytes` buffers without limit; see
+bench/RESULTS.md). The hot path moves bytes: headers stay bytes, and untouched chunks go
+to the client as the same bytes objects the upstream pool produced.
 """
 
 from __future__ import annotations
@@ -11,11 +13,9 @@ import hmac
 import logging
 import os
 import time
-
 from urllib.parse import quote
 
 import msgspec
-from granian.rsgi import ProtocolClosed
 
 from . import metrics, routes
 from .bedrock_sign import CLIENT_SIGNING_HEADERS, Signer
@@ -25,31 +25,45 @@ from .dialects import BY_NAME as DIALECTS
 from .escalations import EscalationStore
 from .governance import registry
 from .governance.base import Verdict
-from .policy import PolicyStore
 from .metadata import HEADER_FIELDS, KEY_HEADERS, SUFFIX, Meta, MetadataError, split_key, strip_query_key
-from .upstream import Pool, UpstreamClosed, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from .policy import PolicyStore
+from .upstream import Pool, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("sidegate.relay")
 
-# Never forwarded in either direction (RFC 9110 7.6.1), plus what the relay recomputes.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                        "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
-                        "host", "content-length", "accept-encoding"})
-RESPONSE_DROP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-connection",
-                           "te", "trailer", "transfer-encoding", "upgrade", "content-length"})
+# Never forwarded (RFC 9110 7.6.1), plus what the relay recomputes.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+                        b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+                        b"host", b"content-length", b"accept-encoding"})
+RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-connection",
+                           b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length",
+                           b"traceparent"})
+KEY_HEADERS_B = frozenset(h.encode() for h in KEY_HEADERS)
+SUFFIX_B = SUFFIX.encode()
+SIGNING_B = frozenset(h.encode() for h in CLIENT_SIGNING_HEADERS)
+HEADER_FIELDS_B = {k.encode(): v for k, v in HEADER_FIELDS.items()}
+STREAM_TYPES = (b"text/event-stream", b"application/vnd.amazon.eventstream")
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
-STREAM_TYPES = ("text/event-stream", "application/vnd.amazon.eventstream")
+IDENTITY = (b"accept-encoding", b"identity")
+JSON_CT = [(b"content-type", b"application/json")]
 # Non-stream bodies are read whole (the governance step needs them whole); past this
 # size the upstream answer is refused with 502 rather than held in memory.
 BUFFER_LIMIT = 64 * 1024 * 1024
 
+START = "http.response.start"
+BODY = "http.response.body"
 
-def _new_traceparent() -> str:
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+
+def _new_traceparent() -> bytes:
+    return b"00-%s-%s-01" % (os.urandom(16).hex().encode(), os.urandom(8).hex().encode())
+
+
+class ClientGone(Exception):
+    """The client disconnected while the request body was being read."""
 
 
 class Relay:
-    """Per-worker state: the route table, the upstream pool, signers."""
+    """Per-worker state: the route table, the upstream pool, policy, decisions."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -57,8 +71,10 @@ class Relay:
         self.prefixes = {seg: self.table[p] for seg, p in routes.PREFIXES.items()}
         self.max_body = cfg.max_request_bytes
         self.token = cfg.proxy_token.encode() if cfg.proxy_token else None
-        self.pool: Pool | None = None
-        self.signers = {}
+        t = cfg.timeouts
+        self.pool = Pool(max_per_host=256, connect_timeout=t.connect, read_timeout=t.read)
+        self.total_timeout = t.total
+        self.signers: dict[str | None, Signer] = {}
         self.policies = PolicyStore(cfg.policy)
         self.decider = Decider(EscalationStore(cfg.escalations))
         self._background: set[asyncio.Task] = set()
@@ -66,91 +82,90 @@ class Relay:
             "error": {"type": "not_found", "message": "sidegate: no route for this path",
                       "valid_prefixes": routes.prefixes()}})
 
-    def start(self) -> None:
-        t = self.cfg.timeouts
-        self.pool = Pool(connect_timeout=t.connect, read_timeout=t.read, total_timeout=t.total)
-
     async def stop(self) -> None:
-        if self.pool is not None:
-            await self.pool.aclose()
+        await self.pool.aclose()
         await self.decider.aclose()
 
     # -- request side -------------------------------------------------------------
 
-    async def __call__(self, scope, proto) -> None:
-        path = scope.path
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope["path"]
         end = path.find("/", 4)
         route = self.prefixes.get(path[4:end] if end > 0 else path[4:]) if path.startswith("/v1/") else None
         if route is None:
-            proto.response_bytes(404, [("content-type", "application/json")], self._not_found)
+            await send({"type": START, "status": 404, "headers": JSON_CT})
+            await send({"type": BODY, "body": self._not_found})
             return
         dialect = DIALECTS[route.dialect]
-        rest = path[end:] if end > 0 else ""
         meta = Meta()
-        fwd: list[tuple[str, str]] = []
-        traceparent = None
+        fwd: list[tuple[bytes, bytes]] = []
+        traceparent = clen = None
         sigv4 = False
+        bedrock = route.provider == "bedrock"
         try:
-            for name, value in scope.headers.items():
+            for name, value in scope["headers"]:
                 if name in HOP_BY_HOP:
+                    if name == b"content-length":
+                        clen = value
                     continue
-                if name.startswith("x-sidegate-"):
-                    field = HEADER_FIELDS.get(name)
+                if name.startswith(b"x-sidegate-"):
+                    field = HEADER_FIELDS_B.get(name)
                     if field is None:
-                        raise MetadataError(f"unknown gateway header {name!r}")
-                    meta.set(field, value)
+                        raise MetadataError(f"unknown gateway header {name.decode('latin-1')!r}")
+                    meta.set(field, value.decode("latin-1"))
                     continue
-                if name in KEY_HEADERS and SUFFIX in value:
-                    value = split_key(value, meta)
-                elif name == "traceparent":
+                if name in KEY_HEADERS_B and SUFFIX_B in value:
+                    value = split_key(value.decode("latin-1"), meta).encode("latin-1")
+                elif name == b"traceparent":
                     traceparent = value
-                if route.provider == "bedrock" and name in CLIENT_SIGNING_HEADERS:
-                    if name == "authorization" and value.startswith("AWS4-"):
+                elif bedrock and name in SIGNING_B:
+                    if name == b"authorization" and value.startswith(b"AWS4-"):
                         sigv4 = True
-                    elif name != "authorization":
-                        fwd.append((name, value))
-                        continue
                 fwd.append((name, value))
-            query = scope.query_string
-            if query and "sidegate" in query:
-                query = strip_query_key(query, meta)
+            query = scope["query_string"]
+            if query and b"sidegate" in query:
+                query = strip_query_key(query.decode("latin-1"), meta).encode("latin-1")
         except MetadataError as e:
-            return self._error(proto, dialect, 400, route, meta, str(e))
+            return await self._error(send, dialect, 400, route, meta, str(e))
         if self.token is not None and not (meta.key and hmac.compare_digest(meta.key.encode(), self.token)):
-            return self._error(proto, dialect, 401, route, meta, "sidegate: missing or wrong gateway key (X-Sidegate-Key)")
-
-        clen = scope.headers.get("content-length")
+            return await self._error(send, dialect, 401, route, meta,
+                                     "sidegate: missing or wrong gateway key (X-Sidegate-Key)")
         if clen is not None and clen.isdigit() and int(clen) > self.max_body:
-            return self._error(proto, dialect, 413, route, meta,
-                               f"sidegate: request body exceeds {self.max_body} bytes")
-        body = await self._read_body(proto, clen)
+            return await self._error(send, dialect, 413, route, meta,
+                                     f"sidegate: request body exceeds {self.max_body} bytes")
+        try:
+            body = await self._read_body(receive)
+        except ClientGone:
+            return
         if body is None:
-            return self._error(proto, dialect, 413, route, meta,
-                               f"sidegate: request body exceeds {self.max_body} bytes")
+            return await self._error(send, dialect, 413, route, meta,
+                                     f"sidegate: request body exceeds {self.max_body} bytes")
 
         up = route.upstream
-        # granian hands over a percent-decoded path: encode it again, keeping the
-        # characters that RFC 3986 allows in a path segment (":" of model ids among them)
-        target = up.base_path + (rest if rest.isascii() and " " not in rest and "%" not in rest
-                                 and "?" not in rest and "#" not in rest else quote(rest, safe=PATH_SAFE))
+        rest = path[end:] if end > 0 else ""
+        # The ASGI path is percent-decoded: encode it again, keeping the characters
+        # RFC 3986 allows in a path segment (the ":" of model ids among them).
+        if not rest.isascii() or " " in rest or "%" in rest or "?" in rest or "#" in rest:
+            rest = quote(rest, safe=PATH_SAFE)
+        target = up.base_path + rest
         if query:
-            target = f"{target}?{query}"
+            target = f"{target}?{query.decode('latin-1')}"
         if traceparent is None:
             traceparent = _new_traceparent()
-            fwd.append(("traceparent", traceparent))
-        fwd.append(("accept-encoding", "identity"))
+            fwd.append((b"traceparent", traceparent))
+        fwd.append(IDENTITY)
         if route.injects:
             fwd = self._inject(route, fwd)
         if sigv4:
-            fwd = await self._resign(route, fwd, scope.method, target, body)
+            fwd = await self._resign(route, fwd, scope["method"], target, body)
 
         task = asyncio.current_task()
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(proto, task))
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, task))
         try:
-            await self._forward(proto, route, dialect, meta, scope.method, target, fwd, body, traceparent)
+            await self._forward(send, route, dialect, meta, scope["method"], target, fwd, body, traceparent)
         except asyncio.CancelledError:
             # The client went away: the upstream response (if any) was closed on the way out.
-            if task.cancelling() and watcher.done():
+            if watcher.done() and task.cancelling():
                 task.uncancel()
                 metrics.request_done(route.provider, metrics.tenant_label(meta.tenant), 499)
             else:
@@ -158,26 +173,34 @@ class Relay:
         finally:
             watcher.cancel()
 
-    async def _read_body(self, proto, clen: str | None) -> bytes | None:
-        if clen is not None:
-            body = await proto()
+    async def _read_body(self, receive) -> bytes | None:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone
+        body = msg.get("body", b"")
+        if not msg.get("more_body"):
             return body if len(body) <= self.max_body else None
-        parts, size = [], 0
-        async for chunk in proto:
+        parts, size = [body], len(body)
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
                 return None
             parts.append(chunk)
-        return b"".join(parts)
+            if not msg.get("more_body"):
+                return b"".join(parts)
 
-    def _inject(self, route: routes.ProviderRoute, fwd: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    def _inject(self, route: routes.ProviderRoute, fwd):
         key = route.credential()
         if key is None:
             return fwd
         header, template = route.inject_header
-        drop = {header, "authorization", "x-api-key", "x-goog-api-key"}
+        drop = {header.encode(), b"authorization", b"x-api-key", b"x-goog-api-key"}
         out = [(n, v) for n, v in fwd if n not in drop]
-        out.append((header, template.format(key)))
+        out.append((header.encode(), template.format(key).encode("latin-1")))
         return out
 
     async def _resign(self, route, fwd, method, target, body):
@@ -188,62 +211,60 @@ class Relay:
         creds = await signer.credentials()
         if creds is None:
             return fwd
-        unsigned = [(n, v) for n, v in fwd if n not in CLIENT_SIGNING_HEADERS]
-        return signer.sign(creds, method, up.origin + target, unsigned, body)
+        unsigned = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in fwd if n not in SIGNING_B]
+        signed = signer.sign(creds, method, up.origin + target, unsigned, body)
+        return [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in signed]
 
     # -- response side ------------------------------------------------------------
 
-    async def _forward(self, proto, route, dialect, meta, method, target, fwd, body, traceparent) -> None:
+    async def _forward(self, send, route, dialect, meta, method, target, fwd, body, traceparent) -> None:
         provider = route.provider
         tenant = metrics.tenant_label(meta.tenant)
+        up = route.upstream
         t0 = time.perf_counter()
-        pool = self.pool
-        if pool is None:  # aiohttp wants a running loop, which RSGI init does not have yet
-            self.start()
-            pool = self.pool
         try:
-            resp = await pool.request(method, route.upstream, target, fwd, body)
-        except UpstreamTimeout as e:
-            return self._error(proto, dialect, 504, route, meta, f"sidegate: {e}")
-        except UpstreamConnectError as e:
-            return self._error(proto, dialect, 502, route, meta, f"sidegate: {e}")
+            resp = await self.pool.request(method, up.scheme, up.host, up.port, target, fwd, body,
+                                           total_timeout=self.total_timeout)
+        except UpstreamTimeout:
+            return await self._error(send, dialect, 504, route, meta,
+                                     "sidegate: upstream did not answer within the timeout")
+        except (UpstreamError, OSError) as e:
+            return await self._error(send, dialect, 502, route, meta,
+                                     f"sidegate: upstream unreachable ({type(e).__name__})")
         metrics.upstream_latency(provider, (time.perf_counter() - t0) * 1000.0)
         try:
-            headers = [("traceparent", traceparent)]
-            ctype = ""
+            headers = [(b"traceparent", traceparent)]
+            ctype = b""
             for name, value in resp.headers:
-                lname = name.decode("latin-1").lower()
-                if lname in RESPONSE_DROP:
+                name = name.lower()
+                if name in RESPONSE_DROP:
                     continue
-                sval = value.decode("latin-1")
-                if lname == "content-type":
-                    ctype = sval
-                elif lname == "traceparent":
-                    continue
-                headers.append((lname, sval))
+                if name == b"content-type":
+                    ctype = value
+                headers.append((name, value))
             status = resp.status
             gmod = registry.module_for(route.dialect, target) if status == 200 else None
             gctx = self._governance(route, meta, target, body) if gmod is not None else None
             if ctype.startswith(STREAM_TYPES) or (route.dialect == "gemini" and ":streamGenerateContent" in target):
-                if gmod is not None:
-                    framer = gmod.Governor(target, ctype, gctx[2])
-                else:
-                    framer = dialect.framer(target, ctype)
-                await self._stream(proto, resp, route, framer, gctx, status, headers)
+                sctype = ctype.decode("latin-1")
+                framer = gmod.Governor(target, sctype, gctx[2]) if gmod is not None else dialect.framer(target, sctype)
+                await self._stream(send, resp, route, framer, gctx, status, headers)
             else:
                 try:
-                    data = await resp.read_all(BUFFER_LIMIT)
+                    data = await resp.read_all()
                 except UpstreamError as e:
-                    return self._error(proto, dialect, 502, route, meta, f"sidegate: {e}")
+                    return await self._error(send, dialect, 502, route, meta,
+                                             f"sidegate: upstream broke mid-body ({type(e).__name__})")
                 if gmod is not None:
                     try:
                         data = await self._govern_body(gmod, target, data, gctx)
                     except Exception as e:  # fail closed in enforce mode, pass in observe
                         log.exception("%s: governing the body failed: %s", provider, type(e).__name__)
                         if gctx[2]:
-                            return self._error(proto, dialect, 502, route, meta,
-                                               "sidegate: internal error while governing the response")
-                proto.response_bytes(status, headers, data)
+                            return await self._error(send, dialect, 502, route, meta,
+                                                     "sidegate: internal error while governing the response")
+                await send({"type": START, "status": status, "headers": headers})
+                await send({"type": BODY, "body": data})
             metrics.request_done(provider, tenant, status)
         finally:
             resp.close()
@@ -282,7 +303,7 @@ class Relay:
             return data
         verdicts = await self._decide_all(calls, gctx)
         if gctx[2] and not all(v.allowed for v in verdicts):
-            for c, v in zip(calls, verdicts):
+            for c, v in zip(calls, verdicts, strict=True):
                 c.verdict = v
             return gmod.rewrite(target, data, calls, verdicts)
         return data
@@ -295,25 +316,25 @@ class Relay:
 
     # -- streaming --------------------------------------------------------------------
 
-    async def _stream(self, proto, resp, route, framer, gctx, status, headers) -> None:
-        transport = proto.response_stream(status, headers)
+    async def _stream(self, send, resp, route, framer, gctx, status, headers) -> None:
+        await send({"type": START, "status": status, "headers": headers})
         gauge = metrics.streams(route.provider)
         gauge.inc()
         try:
             while True:
                 try:
                     chunk = await resp.read_chunk()
-                except (UpstreamClosed, UpstreamTimeout) as e:
-                    log.warning("%s: upstream stream broke: %s", route.provider, e)
-                    await transport.send_bytes(framer.error(f"sidegate: {e}"))
+                except UpstreamError as e:
+                    log.warning("%s: upstream stream broke: %s", route.provider, type(e).__name__)
+                    what = "read timeout" if isinstance(e, UpstreamTimeout) else "connection broke mid-stream"
+                    await send({"type": BODY, "body": framer.error(f"sidegate: upstream {what}")})
                     return
                 if not chunk:
                     tail = framer.close()
                     while framer.pending:
                         tail += await self._resolve(framer, gctx)
                         tail += framer.close()
-                    if tail:
-                        await transport.send_bytes(tail)
+                    await send({"type": BODY, "body": tail})
                     return
                 try:
                     out = framer.feed(chunk)
@@ -321,19 +342,18 @@ class Relay:
                         out += await self._resolve(framer, gctx)
                 except Exception as e:  # a governor bug: fail closed, never relay undecided calls
                     log.exception("%s: stream processing failed: %s", route.provider, type(e).__name__)
-                    await transport.send_bytes(framer.error("sidegate: internal error while governing the stream"))
+                    await send({"type": BODY, "body": framer.error("sidegate: internal error while governing")})
                     return
                 if out:
-                    await transport.send_bytes(out)
-        except ProtocolClosed:
-            # The client disconnected: closing `resp` (caller) aborts the upstream request.
-            return
+                    await send({"type": BODY, "body": out, "more_body": True})
         finally:
             gauge.dec()
 
-    def _error(self, proto, dialect, status, route, meta, message: str) -> None:
+    async def _error(self, send, dialect, status, route, meta, message: str) -> None:
         headers, body = dialect.error_response(status, message)
-        proto.response_bytes(status, headers, body)
+        await send({"type": START, "status": status,
+                    "headers": [(n.encode(), v.encode()) for n, v in headers]})
+        await send({"type": BODY, "body": body})
         metrics.request_done(route.provider, metrics.tenant_label(meta.tenant), status)
 
 
@@ -358,6 +378,8 @@ class _ModelField(msgspec.Struct):
     model: str = ""
 
 
-async def _cancel_on_disconnect(proto, task: asyncio.Task) -> None:
-    await proto.client_disconnect()
+async def _cancel_on_disconnect(receive, task: asyncio.Task) -> None:
+    # The request body is read: the next message can only be the client leaving.
+    while (await receive())["type"] != "http.disconnect":
+        pass
     task.cancel()

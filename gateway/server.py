@@ -41,7 +41,7 @@ def serve(cfg: Config) -> int:
             "gateway.app:app",
             address=host,
             port=port,
-            interface=Interfaces.RSGI,
+            interface=Interfaces.ASGI,
             loop=Loops.uvloop,
             workers=cfg.workers,
             log_access=False,

@@ -1,4 +1,4 @@
-"""Tests of bench/floors/lean_client.py against scripted loopback servers (uvloop)."""
+"""Tests of gateway/upstream.py against scripted loopback servers (uvloop)."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +7,7 @@ import socket
 import pytest
 import uvloop
 
-from bench.floors.lean_client import ConnectTimeout, Pool, UpstreamClosed
+from gateway.upstream import ConnectTimeout, Pool, UpstreamClosed
 
 
 def run(coro):

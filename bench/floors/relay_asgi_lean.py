@@ -4,7 +4,7 @@ granian --interface asgi --loop uvloop bench.floors.relay_asgi_lean:app
 """
 import os
 
-from bench.floors.lean_client import Pool
+from gateway.upstream import Pool
 from bench.floors.relay_lean import NULL_EVENTS
 from bench.mock_upstream import CHAT_COMPLETION
 

@@ -4,7 +4,7 @@ granian --interface rsgi --loop uvloop bench.floors.relay_lean:app   (SG_UPSTREA
 """
 import os
 
-from bench.floors.lean_client import Pool
+from gateway.upstream import Pool
 from bench.mock_upstream import CHAT_COMPLETION, SSE_DONE, SSE_FINISH, SSE_ROLE, SSE_USAGE, sse_content
 
 # /null: answer locally with the mock's payloads (same shape: response_stream + send_bytes per
