@@ -1,0 +1,583 @@
+"""Tool-call governance for OpenAI chat completions (also NVIDIA NIM and OpenAI-compatible upstreams).
+
+Stream shape: `data: {chunk}` events; `choices[].delta.tool_calls[]` carries fragments
+keyed by `index` (id and name usually in the first fragment, arguments spread over many;
+some servers repeat the name in every fragment, some send a whole call in one chunk or
+start at index 1), `finish_reason` ends a choice, a usage chunk has `choices: []`, and
+`data: [DONE]` ends the stream. Every choice of an n>1 request is its own message and is
+governed on its own.
+
+A call is complete when a later chunk of its choice starts a different tool index (and its
+arguments so far are a whole JSON value, so an upstream that interleaves fragments of
+parallel calls is never decided on half its arguments), when the choice's finish_reason
+arrives, or at [DONE] / end of stream.
+
+Holding (enforce mode): the frames of a tool call, and the chunk that completes it, wait
+for the verdict. Other frames keep flowing, with one exception: a choice's opening frame
+(the one with `role`) never lets a later choice's opening frame, or its own later frames,
+overtake it, because the SDK's stream helper numbers choices in the order they appear.
+
+Rewrite: a denied call's fragments are removed (a frame left with nothing in it is
+dropped) and a chunk `{"choices":[{"index":i,"delta":{"content":"<marker>"}}]}`, carrying
+the stream's id/object/created/model, goes out where the call began. Once a choice has a
+denied call, its later allowed calls are renumbered densely; a stream with no denial
+keeps its bytes (and its indices, even a first call at index 1). `finish_reason`
+`tool_calls` becomes `stop` in a choice with no call left.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+from sidegate_codecs import SSEDecoder, encode_event
+
+from ..dialects import openai as _dialect
+from .base import EventGovernor, ToolCall, Verdict
+
+__all__ = ["Governor", "extract", "rewrite"]
+
+_TOOL_CALLS = b'"tool_calls"'
+_TEXT = b'"content":"'
+# the usual spelling of a one-choice chunk with text: {"choices":[{"index":N,"delta":{"content":"x...
+_CHOICE_TEXT = re.compile(rb'"choices":\[\{"index":(\d+),"delta":\{(?:"role":"assistant",)?"content":"[^"]')
+
+
+# -- decoding: only the fields governance reads; everything else is skipped ------------
+
+class _Fn(msgspec.Struct):
+    name: object = None
+    arguments: object = None
+
+
+class _TC(msgspec.Struct):
+    index: object = None
+    id: object = None
+    function: _Fn | None = None
+
+
+class _Delta(msgspec.Struct):
+    role: object = None
+    content: object = None
+    tool_calls: list[_TC] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: object = 0
+    delta: _Delta | None = None
+    finish_reason: object = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+
+
+class _ShapeChoice(msgspec.Struct):
+    delta: dict | None = None
+    finish_reason: object = None
+
+
+class _Shape(msgspec.Struct):
+    """Enough of a chunk to see that it carries nothing but one tool-call fragment."""
+
+    choices: list[_ShapeChoice] | None = None
+    usage: object = None
+
+
+_shape_decoder = msgspec.json.Decoder(_Shape)
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+
+
+def _is_json(text: str) -> bool:
+    try:
+        _decode(text)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
+def as_text(value) -> str:
+    """A name or arguments field as text (some servers send arguments as a JSON object)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return _encode(value).decode()
+
+
+# -- per-stream state ------------------------------------------------------------------
+
+class _Call:
+    __slots__ = ("choice", "first", "id", "index", "name", "new_index", "parts", "tc", "verdict")
+
+    def __init__(self, choice: _ChoiceState, index) -> None:
+        self.choice = choice
+        self.index = index          # the upstream's tool index
+        self.id = None
+        self.name = ""
+        self.parts: list[str] = []
+        self.tc: ToolCall | None = None   # set when complete
+        self.verdict: Verdict | None = None
+        self.first = None           # the held entry of its first frame
+        self.new_index = index      # index on the way out (set when its first frame goes out)
+
+    def feed(self, tc: _TC) -> None:
+        fn = tc.function
+        if tc.id and not self.id:
+            self.id = tc.id
+        if fn is None:
+            return
+        name = fn.name
+        if name and isinstance(name, str) and name != self.name:
+            # usually once; some servers repeat the whole name in every fragment
+            self.name = name if not self.name else self.name + name
+        if fn.arguments is not None:
+            self.parts.append(as_text(fn.arguments))
+
+    def arguments_whole(self) -> bool:
+        args = "".join(self.parts)
+        return not args.strip() or _is_json(args)
+
+
+class _ChoiceState:
+    __slots__ = ("by_index", "calls", "first_held", "index", "marked", "next_index", "open", "renumber")
+
+    def __init__(self, index) -> None:
+        self.index = index
+        self.open: list[_Call] = []
+        self.calls: list[_Call] = []
+        self.by_index: dict = {}
+        self.first_held = False   # this choice's opening frame is held
+        self.renumber = False     # a call of this choice was denied: indices go dense
+        self.next_index = 0
+        self.marked = False       # a marker was already written into this choice
+
+
+class _Entry:
+    """A held frame: the event, its decoded chunk, and which call each tool_calls entry is."""
+
+    __slots__ = ("chunk", "ev", "firsts", "owners", "slots")
+
+    def __init__(self, ev, chunk, slots, owners) -> None:
+        self.ev = ev
+        self.chunk = chunk
+        self.slots = slots        # [(choice position, tool_calls position, _Call)]
+        self.owners = owners      # calls that must be decided before the frame goes out
+        self.firsts: list[_ChoiceState] = []
+
+
+class Governor(EventGovernor):
+    __slots__ = ("_choices", "_denials", "_first_held", "_held", "_idle", "_meta", "_n_open", "_pend", "_texted")
+
+    def __init__(self, path: str = "/chat/completions", content_type: str = "text/event-stream",
+                 enforce: bool = True) -> None:
+        super().__init__(SSEDecoder(), enforce, _dialect._chat_error)
+        self._choices: dict = {}
+        self._held: list[_Entry] = []
+        self._pend: list[_Call] = []
+        self._first_held = 0
+        self._n_open = 0  # calls started and not complete
+        self._denials = False  # some call was denied or escalated
+        self._texted: set = set()  # choices with text: int index, or its digits from the fast path
+        self._idle = True  # no call open and nothing held: frames without "tool_calls" pass untouched
+        self._meta: dict | None = None
+
+    # -- events ---------------------------------------------------------------------
+    def on_event(self, ev) -> bytes:
+        raw = ev.raw
+        if self._idle and _TOOL_CALLS not in raw:
+            # note which choices have text: a marker then starts on a new line
+            m = _CHOICE_TEXT.search(raw)
+            if m is not None:
+                self._texted.add(m.group(1))
+            elif _TEXT in raw:
+                self._note_text(ev)
+            return raw
+        return self._slow(ev)
+
+    def _note_text(self, ev) -> None:
+        """The same as the fast path's pattern, for any other spelling of the chunk."""
+        try:
+            chunk = _chunk_decoder.decode(ev.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        for ch in chunk.choices or ():
+            if ch.delta is not None and isinstance(ch.delta.content, str) and ch.delta.content:
+                self._texted.add(ch.index)
+
+    def _slow(self, ev) -> bytes:
+        data = ev.data
+        chunk = None
+        done = False
+        if data == b"[DONE]":
+            done = True
+        elif data:
+            try:
+                chunk = _chunk_decoder.decode(data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                chunk = None
+        if chunk is None and not done:
+            return self._hold_or_pass(ev, None, [], [], [])
+        if chunk is not None and self.enforce:
+            call = self._continuation(chunk)
+            if call is not None:  # the common frame: one more fragment of a held call
+                call.feed(chunk.choices[0].delta.tool_calls[0])
+                self._held.append(_Entry(ev, chunk, [(0, 0, call)], [call]))
+                return b""
+
+        slots: list = []
+        touched: list[_Call] = []
+        completed: list[_Call] = []
+        roles: list[_ChoiceState] = []
+        if done:
+            for st in self._choices.values():
+                completed.extend(st.open)
+                st.open = []
+        for cp, ch in enumerate(chunk.choices or () if chunk is not None else ()):
+            st = self._choices.get(ch.index)
+            if st is None:
+                st = self._choices[ch.index] = _ChoiceState(ch.index)
+            delta = ch.delta
+            if delta is not None:
+                if delta.role is not None:
+                    roles.append(st)
+                if isinstance(delta.content, str) and delta.content:
+                    self._texted.add(ch.index)
+                for tp, frag in enumerate(delta.tool_calls or ()):
+                    call = self._call_for(st, frag, tp, completed)
+                    slots.append((cp, tp, call))
+                    if call not in touched:
+                        touched.append(call)
+            if ch.finish_reason and st.open:
+                completed.extend(st.open)
+                st.open = []
+        for call in completed:
+            self._complete(call)
+        owners = touched + [c for c in completed if c not in touched]
+        return self._hold_or_pass(ev, chunk, slots, owners, roles)
+
+    def _continuation(self, chunk: _Chunk):
+        """The open call whose next fragment is all this chunk carries, if that is all."""
+        chs = chunk.choices
+        if not chs or len(chs) != 1:
+            return None
+        ch = chs[0]
+        delta = ch.delta
+        if ch.finish_reason or delta is None or delta.role is not None or delta.content is not None:
+            return None
+        tcs = delta.tool_calls
+        if not tcs or len(tcs) != 1 or tcs[0].index is None:
+            return None
+        st = self._choices.get(ch.index)
+        call = st.by_index.get(tcs[0].index) if st is not None else None
+        if call is None or call.tc is not None or call.first is None:
+            return None
+        return call
+
+    def _call_for(self, st: _ChoiceState, frag: _TC, pos: int, completed: list) -> _Call:
+        # Keyed by index alone, as clients accumulate (an id that changes between fragments
+        # does not start a new call): the verdict is on the call the client will rebuild.
+        index = frag.index if frag.index is not None else pos
+        call = st.by_index.get(index)
+        if call is None:
+            # a new call: the open ones of this choice are complete (unless their arguments
+            # are not a whole JSON value yet: an upstream interleaving parallel calls)
+            keep = []
+            for other in st.open:
+                if other.arguments_whole():
+                    completed.append(other)
+                else:
+                    keep.append(other)
+            st.open = keep
+            call = _Call(st, index)
+            st.by_index[index] = call
+            st.calls.append(call)
+            st.open.append(call)
+            self._n_open += 1
+        if call.tc is None:
+            call.feed(frag)
+        # else: a late fragment of a decided call; it follows the call's verdict
+        return call
+
+    def _complete(self, call: _Call) -> None:
+        self._n_open -= 1
+        call.tc = ToolCall(call.name, "".join(call.parts), call.id, call.index if isinstance(call.index, int) else 0)
+        self.calls.append(call.tc)
+        self.pending.append(call.tc)
+        if self.enforce:
+            self._pend.append(call)
+        self._idle = False
+
+    def _hold_or_pass(self, ev, chunk, slots, owners, roles) -> bytes:
+        if not self.enforce:
+            self._update_idle()
+            return ev.raw
+        hold = bool(owners)
+        if not hold and chunk is not None:
+            for ch in chunk.choices or ():
+                st = self._choices.get(ch.index)
+                if st is not None and (st.first_held or (self._first_held and st in roles)):
+                    hold = True
+                    break
+        if not hold:
+            if chunk is None or not self._finish_to_rewrite(chunk):
+                self._update_idle()
+                return ev.raw
+            entry = _Entry(ev, chunk, slots, owners)
+            return self._render(entry)
+        entry = _Entry(ev, chunk, slots, owners)
+        for st in roles:
+            if not st.first_held:
+                st.first_held = True
+                self._first_held += 1
+                entry.firsts.append(st)
+        for call in owners:
+            if call.first is None:
+                call.first = entry
+        held = self._held
+        held.append(entry)
+        self._idle = False
+        if len(held) == 1 and not self.pending and all(c.verdict is not None for c in owners):
+            return self._release()  # e.g. a late fragment of a call already decided
+        return b""
+
+    def _update_idle(self) -> None:
+        self._idle = not self._held and not self._n_open
+
+    # -- verdicts -------------------------------------------------------------------------
+    def on_verdicts(self, calls: list[ToolCall], verdicts: list[Verdict]) -> bytes:
+        mine, self._pend = self._pend, []
+        for call, verdict in zip(mine, verdicts):
+            call.verdict = verdict
+            if not verdict.allowed:
+                self._denials = True
+        return self._release()
+
+    def on_close(self) -> bytes:
+        for st in self._choices.values():
+            for call in st.open:
+                self._complete(call)
+            st.open = []
+        if self.pending:
+            return b""
+        return self._release()
+
+    def _release(self) -> bytes:
+        out = []
+        held = self._held
+        while held and all(c.verdict is not None for c in held[0].owners):
+            piece = self._render(held.pop(0))
+            if piece:
+                out.append(piece)
+        self._update_idle()
+        return b"".join(out)
+
+    # -- rewriting --------------------------------------------------------------------------
+    def _finish_to_rewrite(self, chunk: _Chunk) -> bool:
+        for ch in chunk.choices or ():
+            if ch.finish_reason == "tool_calls":
+                st = self._choices.get(ch.index)
+                if st is not None and _none_left(st):
+                    return True
+        return False
+
+    def _render(self, entry: _Entry) -> bytes:
+        for st in entry.firsts:
+            st.first_held = False
+            self._first_held -= 1
+        if not self._denials:
+            return entry.ev.raw  # no denial yet: nothing is renumbered, removed or rewritten
+        slots = entry.slots
+        if len(slots) == 1 and entry.owners[0] is slots[0][2] and slots[0][2].first is not entry \
+                and not slots[0][2].verdict.allowed and _only_the_fragment(entry.ev.data):
+            return b""  # a later fragment of a denied call, and nothing else
+        denied: list[_Call] = []
+        change = False
+        calls = []
+        for _, _, call in entry.slots:
+            if call not in calls:
+                calls.append(call)
+        for call in calls:
+            if call.first is entry and call.verdict is not None:
+                st = call.choice
+                if not call.verdict.allowed:
+                    st.renumber = True
+                    denied.append(call)
+                else:
+                    call.new_index = st.next_index if st.renumber else call.index
+                    st.next_index = (call.new_index + 1) if isinstance(call.new_index, int) else st.next_index
+            if call.verdict is not None and (not call.verdict.allowed or call.new_index != call.index):
+                change = True
+        chunk = entry.chunk
+        if chunk is not None and self._finish_to_rewrite(chunk):
+            change = True
+        if not change:
+            return entry.ev.raw
+        obj = _decode(entry.ev.data)
+        if self._meta is None:
+            self._meta = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+        choices = obj.get("choices") or []
+        emptied: set[int] = set()
+        removed: dict[tuple[int, int], bool] = {}
+        for cp, tp, call in entry.slots:
+            if call.verdict is None:
+                continue
+            if not call.verdict.allowed:
+                removed[(cp, tp)] = True
+            elif call.new_index != call.index:
+                choices[cp]["delta"]["tool_calls"][tp]["index"] = call.new_index
+        if removed:
+            for cp, ch in enumerate(choices):
+                delta = ch.get("delta") or {}
+                tcs = delta.get("tool_calls")
+                if not tcs:
+                    continue
+                kept = [tc for tp, tc in enumerate(tcs) if (cp, tp) not in removed]
+                if len(kept) != len(tcs):
+                    if kept:
+                        delta["tool_calls"] = kept
+                    else:
+                        del delta["tool_calls"]
+                        emptied.add(cp)
+        finished = set()
+        for cp, ch in enumerate(choices):
+            if ch.get("finish_reason") is not None:
+                finished.add(ch.get("index"))
+            if ch.get("finish_reason") == "tool_calls":
+                st = self._choices.get(ch.get("index"))
+                if st is not None and _none_left(st):
+                    ch["finish_reason"] = "stop"
+        if emptied:
+            obj["choices"] = choices = [ch for cp, ch in enumerate(choices)
+                                        if not (cp in emptied and not ch.get("delta")
+                                                and ch.get("finish_reason") is None)]
+        drop = not choices and (chunk is not None and chunk.choices) and obj.get("usage") is None
+        frame = b"" if drop else sse_frame(entry.ev, _encode(obj))
+        before, after = [], []
+        for call in denied:
+            marker = self._marker(entry.ev, call)
+            (before if call.choice.index in finished else after).append(marker)
+        return b"".join(before) + frame + b"".join(after)
+
+    def _marker(self, ev, call: _Call) -> bytes:
+        st = call.choice
+        text = call.verdict.text(call.name)
+        if st.marked or st.index in self._texted or str(st.index).encode() in self._texted:
+            text = "\n" + text
+        st.marked = True
+        chunk = dict(self._meta or {})
+        chunk.setdefault("object", "chat.completion.chunk")
+        chunk["choices"] = [{"index": st.index, "delta": {"content": text}, "finish_reason": None}]
+        return sse_frame(ev, _encode(chunk))
+
+
+def _only_the_fragment(data: bytes) -> bool:
+    try:
+        shape = _shape_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+    chs = shape.choices
+    return (shape.usage is None and chs is not None and len(chs) == 1 and chs[0].finish_reason is None
+            and chs[0].delta is not None and list(chs[0].delta) == ["tool_calls"])
+
+
+def _none_left(st: _ChoiceState) -> bool:
+    """Every call of the choice is decided and none was allowed."""
+    return bool(st.calls) and all(c.verdict is not None and not c.verdict.allowed for c in st.calls)
+
+
+def sse_frame(ev, data: bytes, event: str | None = None) -> bytes:
+    """A rewritten or added event, with the line ends and `event:` name of the one it stands for."""
+    raw = ev.raw
+    line_end = b"\r\n" if b"\r\n" in raw else (b"\r" if b"\r" in raw and b"\n" not in raw else b"\n")
+    return encode_event(data, event=event or ev.event, line_end=line_end)
+
+
+# -- non-streaming ----------------------------------------------------------------------
+
+def _body_calls(obj) -> list[tuple[dict, int, dict]]:
+    """(choice, position, tool call) for every tool call of a chat.completion body."""
+    out = []
+    if not isinstance(obj, dict):
+        return out
+    for ch in obj.get("choices") or ():
+        if not isinstance(ch, dict):
+            continue
+        msg = ch.get("message")
+        if not isinstance(msg, dict):
+            continue
+        for pos, tc in enumerate(msg.get("tool_calls") or ()):
+            if isinstance(tc, dict):
+                out.append((ch, pos, tc))
+    return out
+
+
+def load_body(body: bytes, needle: bytes):
+    """The decoded JSON body, or None when the cheap byte test or the decoding says no call."""
+    if needle not in body:
+        return None
+    try:
+        return _decode(body)
+    except msgspec.DecodeError:
+        return None
+
+
+def body_to_rewrite(body: bytes, needle: bytes, body_calls, calls: list, verdicts: list):
+    """(decoded body, its calls) when some verdict is not allow, else None."""
+    if all(v.allowed for v in verdicts):
+        return None
+    obj = load_body(body, needle)
+    if obj is None:
+        return None
+    found = body_calls(obj)
+    if not len(found) == len(calls) == len(verdicts):
+        raise ValueError("rewrite: the verdicts do not match the body's tool calls")
+    return obj, found
+
+
+def extract(path: str, body: bytes) -> list[ToolCall]:
+    obj = load_body(body, _TOOL_CALLS)
+    if obj is None:
+        return []
+    calls = []
+    for _, pos, tc in _body_calls(obj):
+        fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
+        calls.append(ToolCall(as_text(fn.get("name")), as_text(fn.get("arguments")), tc.get("id"), pos))
+    return calls
+
+
+def rewrite(path: str, body: bytes, calls: list[ToolCall], verdicts: list[Verdict]) -> bytes:
+    todo = body_to_rewrite(body, _TOOL_CALLS, _body_calls, calls, verdicts)
+    if todo is None:
+        return body
+    obj, found = todo
+    by_choice: dict[int, list] = {}
+    for (ch, _, tc), call, verdict in zip(found, calls, verdicts):
+        by_choice.setdefault(id(ch), [ch, []])[1].append((tc, call, verdict))
+    for ch, items in by_choice.values():
+        if all(v.allowed for _, _, v in items):
+            continue
+        msg = ch["message"]
+        kept, markers = [], []
+        for tc, call, verdict in items:
+            if verdict.allowed:
+                kept.append(tc)
+            else:
+                markers.append(verdict.text(call.name))
+        for n, tc in enumerate(kept):
+            if "index" in tc:
+                tc["index"] = n
+        content = msg.get("content")
+        text = "\n".join(markers)
+        msg["content"] = content + "\n" + text if isinstance(content, str) and content else text
+        if kept:
+            msg["tool_calls"] = kept
+        else:
+            msg.pop("tool_calls", None)
+            if ch.get("finish_reason") == "tool_calls":
+                ch["finish_reason"] = "stop"
+    return _encode(obj)

@@ -1,0 +1,365 @@
+"""Tool-call governance for the OpenAI Responses API (`POST .../responses`).
+
+Stream shape: `event: response.*` + `data: {...}`. A client tool call is an output item of
+type `function_call`: `response.output_item.added` (name, call_id), then
+`response.function_call_arguments.delta`* and `.done`, then `response.output_item.done`
+(the complete item), and the aggregate `response.completed.response.output` repeats it.
+A `custom_tool_call` (free-form input) is governed the same way, through its
+`response.custom_tool_call_input.delta` / `.done` events; its raw input is the arguments.
+Recent servers number every event (`sequence_number`, dense, from 0 or from the resume
+point).
+
+A call is complete at its `response.output_item.done` (or, if that never comes, at a
+terminal event or the end of the stream). Output items stream one after the other, so in
+enforce mode every event from a call's `output_item.added` on is held until its verdict:
+that keeps the stream's order, and its sequence numbers, exactly as they came when the
+call is allowed.
+
+A denied call's item becomes a `message` item with one `output_text` part carrying the
+marker, at the same `output_index`, told with the event sequence the SDK's accumulator
+expects: output_item.added, content_part.added, output_text.delta, output_text.done,
+content_part.done, output_item.done. Every later `sequence_number` is shifted so the
+numbering stays dense, and `response.completed` (or `.incomplete` / `.failed`) gets the
+same message item in its `response.output`; its status is left as it came.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+from sidegate_codecs import SSEDecoder
+
+from ..dialects import openai as _dialect
+from .base import EventGovernor, ToolCall, Verdict
+from .openai_chat import as_text as _text
+from .openai_chat import body_to_rewrite, load_body
+from .openai_chat import sse_frame as _frame
+
+__all__ = ["Governor", "extract", "rewrite"]
+
+# Client-side tool calls: item type -> the item field with the arguments, and the events
+# that stream it. (Server-side tools, e.g. web_search_call or mcp_call, are not the agent's.)
+_KINDS = {
+    "function_call": ("arguments", "response.function_call_arguments.delta", "response.function_call_arguments.done"),
+    "custom_tool_call": ("input", "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done"),
+}
+_DELTAS = frozenset(k[1] for k in _KINDS.values())
+_DONES = frozenset(k[2] for k in _KINDS.values())
+_CALL_EVENTS = _DELTAS | _DONES | {"response.output_item.done"}
+# Cheap test: a governed item's type ends in `_call"` (function_call, custom_tool_call), and
+# a `"` inside a JSON string is escaped, so text deltas never match.
+_MAYBE_CALL = b'_call"'
+_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
+_AGGREGATE = frozenset({"response.completed", "response.incomplete", "response.failed",
+                        "response.created", "response.in_progress", "response.queued"})
+_SEQ = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
+
+
+class _Item(msgspec.Struct):
+    type: object = None
+    id: object = None
+    call_id: object = None
+    name: object = None
+    arguments: object = None
+    input: object = None
+
+    def args(self) -> object:
+        return self.input if self.type == "custom_tool_call" else self.arguments
+
+
+class _Event(msgspec.Struct):
+    """The top-level fields governance reads (the rest, `response` included, is skipped)."""
+
+    type: object = None
+    sequence_number: object = None
+    output_index: object = None
+    item_id: object = None
+    item: _Item | None = None
+    delta: object = None
+    arguments: object = None
+    input: object = None
+
+
+_event_decoder = msgspec.json.Decoder(_Event)
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+
+
+def message_item(mid: str, text: str, status: str = "completed") -> dict:
+    """The `message` output item a denied call turns into."""
+    content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+    return {"id": mid, "type": "message", "status": status, "role": "assistant", "content": content}
+
+
+def _message_id(item_id, call_id, position) -> str:
+    """A stable id for the replacement message, unique in the response. The Responses API
+    wants assistant message ids that start with "msg"."""
+    for ref in (item_id, call_id):
+        if isinstance(ref, str) and ref:
+            return "msg_sidegate_" + ref.split("_", 1)[-1]
+    return f"msg_sidegate_{position}"
+
+
+def _item_key(item_id, call_id, position):
+    """How a call's item is found again in the aggregate `output`: id, else call_id, else place."""
+    if item_id:
+        return item_id
+    if call_id:
+        return ("call_id", call_id)
+    return ("position", position)
+
+
+class _Call:
+    __slots__ = (
+        "arguments",
+        "call_id",
+        "item_id",
+        "message",
+        "name",
+        "output_index",
+        "parts",
+        "started",
+        "tc",
+        "type",
+        "verdict",
+    )
+
+    def __init__(self, output_index, item: _Item) -> None:
+        self.type = item.type
+        self.output_index = output_index
+        self.item_id = item.id
+        self.call_id = item.call_id
+        self.name = _text(item.name)
+        self.parts = [_text(item.args())] if item.args() else []
+        self.arguments: str | None = None  # the final arguments once known
+        self.tc: ToolCall | None = None
+        self.verdict: Verdict | None = None
+        self.message: dict | None = None  # the replacement item, once denied
+        self.started = False  # its replacement went out (denied) / its first frame went out
+
+
+class Governor(EventGovernor):
+    __slots__ = ("_calls", "_denied", "_held", "_open", "_pend", "_shift")
+
+    def __init__(self, path: str = "/responses", content_type: str = "text/event-stream",
+                 enforce: bool = True) -> None:
+        super().__init__(SSEDecoder(), enforce, _dialect._responses_error)
+        self._open: dict = {}       # output_index -> open _Call
+        self._calls: dict = {}      # item id / output_index -> every _Call seen
+        self._held: list = []       # [ev, decoded _Event | None, _Call | None]
+        self._pend: list[_Call] = []
+        self._shift = 0             # added to every later sequence_number
+        self._denied: dict = {}     # _item_key of a denied call -> its replacement message item
+
+    # -- events -------------------------------------------------------------------------
+    def on_event(self, ev) -> bytes:
+        raw = ev.raw
+        if not self._open and not self._held and not self._shift and not self._denied \
+                and _MAYBE_CALL not in raw:
+            return raw
+        data = ev.data
+        head = None
+        if data and data != b"[DONE]":
+            try:
+                head = _event_decoder.decode(data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                head = None
+        call = None
+        trigger = False
+        if head is not None:
+            kind = head.type
+            if kind == "response.output_item.added" and head.item is not None and head.item.type in _KINDS:
+                call = _Call(head.output_index, head.item)
+                self._open[head.output_index] = call
+                self._calls[head.output_index] = call
+                if head.item.id:
+                    self._calls[head.item.id] = call
+            elif kind in _CALL_EVENTS:
+                call = self._find(head)
+                if call is not None and call.tc is None:
+                    if kind in _DELTAS:
+                        call.parts.append(_text(head.delta))
+                    elif kind in _DONES:
+                        done = head.input if kind == "response.custom_tool_call_input.done" else head.arguments
+                        if done is not None:
+                            call.arguments = _text(done)
+                    elif head.item is not None:
+                        item = head.item
+                        if item.args() is not None:
+                            call.arguments = _text(item.args())
+                        if item.name:
+                            call.name = _text(item.name)
+                        if item.call_id and not call.call_id:
+                            call.call_id = item.call_id
+                        self._complete(call)
+            elif kind in _TERMINAL and self._open:
+                trigger = True
+                for open_call in list(self._open.values()):
+                    self._complete(open_call)
+        if not self.enforce:
+            return raw
+        if call is None and not trigger and not self._held:
+            return self._render(ev, head, None)
+        self._held.append((ev, head, call))
+        return self._release() if not self.pending else b""
+
+    def _find(self, head: _Event):
+        call = self._calls.get(head.item_id) if head.item_id else None
+        if call is None and head.item is not None and head.item.id:
+            call = self._calls.get(head.item.id)
+        if call is None and head.output_index is not None:
+            call = self._calls.get(head.output_index)
+            if call is not None and head.item is not None and head.item.type not in (None, call.type):
+                call = None
+        return call
+
+    def _complete(self, call: _Call) -> None:
+        self._open.pop(call.output_index, None)
+        args = call.arguments if call.arguments is not None else "".join(call.parts)
+        index = call.output_index if isinstance(call.output_index, int) else 0
+        call.tc = ToolCall(call.name, args, call.call_id, index)
+        self.calls.append(call.tc)
+        self.pending.append(call.tc)
+        if self.enforce:
+            self._pend.append(call)
+
+    # -- verdicts -------------------------------------------------------------------------
+    def on_verdicts(self, calls: list[ToolCall], verdicts: list[Verdict]) -> bytes:
+        mine, self._pend = self._pend, []
+        for call, verdict in zip(mine, verdicts):
+            call.verdict = verdict
+            if not verdict.allowed:
+                mid = _message_id(call.item_id, call.call_id, call.output_index)
+                call.message = message_item(mid, verdict.text(call.name))
+                self._denied[_item_key(call.item_id, call.call_id, call.output_index)] = call.message
+        return self._release()
+
+    def on_close(self) -> bytes:
+        for call in list(self._open.values()):
+            self._complete(call)
+        if self.pending:
+            return b""
+        return self._release()
+
+    def _release(self) -> bytes:
+        out = []
+        held = self._held
+        while held:
+            ev, head, call = held[0]
+            if call is not None and call.verdict is None:
+                break
+            held.pop(0)
+            piece = self._render(ev, head, call)
+            if piece:
+                out.append(piece)
+        return b"".join(out)
+
+    # -- rewriting --------------------------------------------------------------------------
+    def _render(self, ev, head: _Event | None, call: _Call | None) -> bytes:
+        if call is not None and call.verdict is not None and not call.verdict.allowed:
+            if call.started:
+                self._shift -= 1  # the rest of a denied call's frames: gone
+                return b""
+            call.started = True
+            return self._replacement(ev, head, call)
+        seq = head.sequence_number if head is not None else None
+        shift = self._shift if isinstance(seq, int) else 0
+        if head is not None and head.type in _AGGREGATE and self._denied:
+            obj = _decode(ev.data)
+            response = obj.get("response")
+            if isinstance(response, dict) and _patch_output(response, self._denied):
+                if shift:
+                    obj["sequence_number"] = seq + shift
+                return _frame(ev, _encode(obj))
+        if not shift:
+            return ev.raw
+        data = ev.data
+        m = _SEQ.search(data)
+        if m is not None and int(m.group(1)) == seq:
+            data = data[:m.start(1)] + str(seq + shift).encode() + data[m.end(1):]
+        else:  # the first "sequence_number" in the text is not the event's own: re-encode
+            obj = _decode(data)
+            obj["sequence_number"] = seq + shift
+            data = _encode(obj)
+        return _frame(ev, data)
+
+    def _replacement(self, ev, head: _Event, call: _Call) -> bytes:
+        text = call.verdict.text(call.name)
+        item = call.message
+        mid = item["id"]
+        idx = call.output_index
+        part_empty = {"type": "output_text", "text": "", "annotations": []}
+        part = {"type": "output_text", "text": text, "annotations": []}
+        events = [
+            {"type": "response.output_item.added", "output_index": idx,
+             "item": message_item(mid, text, status="in_progress")},
+            {"type": "response.content_part.added", "item_id": mid, "output_index": idx,
+             "content_index": 0, "part": part_empty},
+            {"type": "response.output_text.delta", "item_id": mid, "output_index": idx,
+             "content_index": 0, "delta": text, "logprobs": []},
+            {"type": "response.output_text.done", "item_id": mid, "output_index": idx,
+             "content_index": 0, "text": text, "logprobs": []},
+            {"type": "response.content_part.done", "item_id": mid, "output_index": idx,
+             "content_index": 0, "part": part},
+            {"type": "response.output_item.done", "output_index": idx, "item": item},
+        ]
+        seq = head.sequence_number if head is not None else None
+        out = []
+        for n, body in enumerate(events):
+            if isinstance(seq, int):
+                body = {"type": body["type"], "sequence_number": seq + self._shift + n,
+                        **{k: v for k, v in body.items() if k != "type"}}
+            out.append(_frame(ev, _encode(body), event=body["type"] if ev.event is not None else None))
+        self._shift += len(events) - 1
+        return b"".join(out)
+
+
+def _patch_output(response: dict, denied: dict) -> bool:
+    output = response.get("output")
+    if not isinstance(output, list):
+        return False
+    changed = False
+    for n, item in enumerate(output):
+        if isinstance(item, dict) and item.get("type") in _KINDS:
+            message = denied.get(_item_key(item.get("id"), item.get("call_id"), n))
+            if message is not None:
+                output[n] = message
+                changed = True
+    return changed
+
+
+# -- non-streaming ----------------------------------------------------------------------
+
+def _body_calls(obj) -> list[tuple[list, int, dict]]:
+    out = []
+    output = obj.get("output") if isinstance(obj, dict) else None
+    if not isinstance(output, list):
+        return out
+    for n, item in enumerate(output):
+        if isinstance(item, dict) and item.get("type") in _KINDS:
+            out.append((output, n, item))
+    return out
+
+
+def extract(path: str, body: bytes) -> list[ToolCall]:
+    obj = load_body(body, _MAYBE_CALL)
+    if obj is None:
+        return []
+    return [ToolCall(_text(item.get("name")), _text(item.get(_KINDS[item["type"]][0])), item.get("call_id"), n)
+            for _, n, item in _body_calls(obj)]
+
+
+def rewrite(path: str, body: bytes, calls: list[ToolCall], verdicts: list[Verdict]) -> bytes:
+    todo = body_to_rewrite(body, _MAYBE_CALL, _body_calls, calls, verdicts)
+    if todo is None:
+        return body
+    obj, found = todo
+    for (output, n, item), call, verdict in zip(found, calls, verdicts):
+        if not verdict.allowed:
+            output[n] = message_item(_message_id(item.get("id"), item.get("call_id"), n), verdict.text(call.name))
+    if "output_text" in obj and isinstance(obj["output_text"], str):  # some servers precompute it
+        obj["output_text"] = "".join(
+            part.get("text", "") for item in obj["output"] if isinstance(item, dict) and item.get("type") == "message"
+            for part in item.get("content") or () if isinstance(part, dict) and part.get("type") == "output_text")
+    return _encode(obj)
