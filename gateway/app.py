@@ -37,6 +37,7 @@ class ProxyApp:
         cfg = resolved_config()
         setup(cfg.log_level)
         self.relay = Relay(cfg)
+        self.relay.start()
         return self.relay
 
     async def __call__(self, scope, receive, send) -> None:

@@ -6,6 +6,7 @@ replace `mode`, `default` and (when given) `rules` for that tenant.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -166,12 +167,10 @@ class PolicyStore:
     A bad file seen on reload is refused and logged; the last good policy stays.
     """
 
-    def __init__(self, path: str | None, check_every: float = 1.0) -> None:
+    def __init__(self, path: str | None) -> None:
         self.path = path
         self.policy = load_or_default(path)
         self._stamp = self._file_stamp()
-        self._next_check = 0.0
-        self._check_every = check_every
 
     def _file_stamp(self):
         if not self.path:
@@ -182,11 +181,11 @@ class PolicyStore:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def current(self, now: float) -> Policy:
-        if now >= self._next_check:
-            self._next_check = now + self._check_every
+    async def watch(self, every: float = 1.0) -> None:
+        """Poll the file's stamp in the background, so the hot path never stats it."""
+        while True:
+            await asyncio.sleep(every)
             self.maybe_reload()
-        return self.policy
 
     def maybe_reload(self) -> bool:
         stamp = self._file_stamp()

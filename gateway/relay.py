@@ -82,7 +82,12 @@ class Relay:
             "error": {"type": "not_found", "message": "sidegate: no route for this path",
                       "valid_prefixes": routes.prefixes()}})
 
+    def start(self) -> None:
+        """Background work of the worker; needs the running loop."""
+        self._watcher = asyncio.ensure_future(self.policies.watch())
+
     async def stop(self) -> None:
+        self._watcher.cancel()
         await self.pool.aclose()
         await self.decider.aclose()
 
@@ -273,7 +278,7 @@ class Relay:
 
     def _governance(self, route, meta, target, body):
         """(policy, effective policy, enforce?, call context) for one response."""
-        policy = self.policies.current(time.monotonic())
+        policy = self.policies.policy
         eff = policy.for_tenant(meta.tenant)
         mode = meta.mode or eff.mode
         # Nothing can be denied under an allow-all policy: govern in observe mode (no holding).

@@ -101,11 +101,12 @@ def test_regexes_are_linear_time(tmp_path):
 
 
 def test_live_reload_good_then_bad_file_keeps_last_good(policy_file):
-    store = PolicyStore(str(policy_file), check_every=0)
-    assert store.current(0).for_tenant(None).evaluate("deploy_x", "{}", "ci-1").decision == "escalate"
+    store = PolicyStore(str(policy_file))
+    assert store.policy.for_tenant(None).evaluate("deploy_x", "{}", "ci-1").decision == "escalate"
     policy_file.write_text("default: deny\n")
     os.utime(policy_file, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert store.current(1).for_tenant(None).evaluate("anything", "{}", "a").decision == "deny"
+    assert store.maybe_reload() is True
+    assert store.policy.for_tenant(None).evaluate("anything", "{}", "a").decision == "deny"
     policy_file.write_text("default: [broken\n")
     os.utime(policy_file, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
     assert store.maybe_reload() is False

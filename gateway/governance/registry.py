@@ -1,27 +1,12 @@
-"""Which governance module handles a response, by dialect and request path."""
+"""Which governance module handles a response, by dialect and request path.
+
+Every module is imported when this one is: a governor that cannot load stops the
+worker at start-up rather than letting responses through ungoverned.
+"""
 
 from __future__ import annotations
 
-import importlib
-import logging
-
-log = logging.getLogger("sidegate.governance")
-
-_cache: dict[str, object] = {}
-
-
-def _module(name: str):
-    try:
-        return _cache[name]
-    except KeyError:
-        pass
-    try:
-        mod = importlib.import_module(f"gateway.governance.{name}")
-    except (ImportError, SyntaxError) as e:
-        log.error("governance module %s unavailable (%s): its responses are relayed ungoverned", name, e)
-        mod = None
-    _cache[name] = mod
-    return mod
+from . import anthropic, bedrock_converse, bedrock_invoke, gemini, openai_chat, openai_responses
 
 
 def module_for(dialect: str, target: str):
@@ -29,18 +14,23 @@ def module_for(dialect: str, target: str):
     path = target.partition("?")[0]
     if dialect == "openai":
         if path.endswith("/chat/completions"):
-            return _module("openai_chat")
-        if path.endswith("/responses"):
-            return _module("openai_responses")
+            return openai_chat
+        tail = path.rpartition("/responses")[2]
+        # POST /responses, and GET /responses/{id} (a stored or background response,
+        # streamed with ?stream=true); not /responses/{id}/input_items and the like.
+        if "/responses" in path and (tail == "" or tail.count("/") == 1):
+            return openai_responses
+        if "/chat/completions/" in path and path.rpartition("/chat/completions/")[2].count("/") == 0:
+            return openai_chat  # GET a stored chat completion
     elif dialect == "anthropic":
         if path.endswith("/messages"):
-            return _module("anthropic")
+            return anthropic
     elif dialect == "bedrock":
         if path.endswith(("/invoke-with-response-stream", "/invoke")):
-            return _module("bedrock_invoke")
+            return bedrock_invoke
         if path.endswith(("/converse-stream", "/converse")):
-            return _module("bedrock_converse")
+            return bedrock_converse
     elif dialect == "gemini":
         if path.endswith((":streamGenerateContent", ":generateContent")):
-            return _module("gemini")
+            return gemini
     return None
