@@ -145,3 +145,11 @@ def test_denied_escalation_gives_no_permit(tmp_path):
     esc = store.open("t", "a", "tool", "{}", "r")
     assert store.resolve(esc, False, ttl_s=60)["status"] == "denied"
     assert store.consume_permit("t", "a", "tool", "{}") is None
+
+
+def test_example_policy_in_deploy_loads_and_denies():
+    from tests.support.gateway_proc import ROOT
+
+    eff = load_policy(ROOT / "deploy" / "policy.example.yaml").for_tenant(None)
+    assert eff.evaluate("bash", canonical_json('{"command": "git push -f origin main"}'), "a").decision == "deny"
+    assert eff.evaluate("bash", canonical_json('{"command": "ls -la"}'), "a").decision == "allow"
