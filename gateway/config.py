@@ -159,11 +159,13 @@ class FieldError(ValueError):
         self.field = field
 
 
-def _decode_file(path: Path) -> Config:
+def load_yaml_file(path: Path, kind, build, what: str):
+    """Read a YAML file into the Struct `kind`, then `build(struct)` (which may raise
+    FieldError); every problem comes out as `file:line: field a.b: problem`."""
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+        raise ConfigError(f"{path}: cannot read {what} file: {e.strerror}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -175,16 +177,24 @@ def _decode_file(path: Path) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}:1: field (top level): expected a mapping")
     try:
-        cfg = msgspec.convert(raw, Config, str_keys=True)
+        spec = msgspec.convert(raw, kind, str_keys=True)
     except msgspec.ValidationError as e:
         raise _located(path, text, e) from None
     try:
-        validate(cfg)
+        return build(spec)
     except FieldError as e:
         line = _yaml_line(text, e.field)
         where = f":{line}" if line else ""
         raise ConfigError(f"{path}{where}: field {e.field}: {e}") from None
+
+
+def _validated(cfg: Config) -> Config:
+    validate(cfg)
     return cfg
+
+
+def _decode_file(path: Path) -> Config:
+    return load_yaml_file(path, Config, _validated, "config")
 
 
 def _set(cfg: Config, dotted: str, value: str, source: str) -> None:

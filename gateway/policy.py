@@ -14,9 +14,8 @@ from typing import Literal
 
 import msgspec
 import re2
-import yaml
 
-from .config import ConfigError, FieldError, _located, _yaml_line
+from .config import ConfigError, FieldError, load_yaml_file
 
 log = logging.getLogger("sidegate.policy")
 
@@ -129,29 +128,7 @@ ALLOW_ALL = Policy(PolicySpec())
 
 def load_policy(path: str | os.PathLike) -> Policy:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read policy file: {e.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}:1: field (top level): expected a mapping")
-    try:
-        spec = msgspec.convert(raw, PolicySpec, str_keys=True)
-    except msgspec.ValidationError as e:
-        raise _located(path, text, e) from None
-    try:
-        return Policy(spec, str(path))
-    except FieldError as e:
-        line = _yaml_line(text, e.field)
-        raise ConfigError(f"{path}{':' + str(line) if line else ''}: field {e.field}: {e}") from None
+    return load_yaml_file(path, PolicySpec, lambda spec: Policy(spec, str(path)), "policy")
 
 
 def load_or_default(path: str | None) -> Policy:
