@@ -8,6 +8,7 @@ import sys
 from . import config as config_mod
 from . import routes
 from .policy import load_or_default
+from .traces import cli as traces_cli
 from .config import ConfigError
 
 
@@ -21,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ops-listen", help="ops HOST:PORT (SIDEGATE_OPS_LISTEN), default 127.0.0.1:8006")
     s.add_argument("--workers", type=int, help="proxy worker processes (SIDEGATE_WORKERS)")
     s.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    traces_cli.add_parser(sub)
     e = sub.add_parser("env", help="print shell exports that point agents and SDKs at the gateway")
     e.add_argument("--config", help="config file (SIDEGATE_CONFIG)")
     e.add_argument("--listen", help="proxy HOST:PORT")
@@ -42,6 +44,8 @@ def env_exports(listen: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "traces":
+        return traces_cli.run(args)
     flags = {k: getattr(args, k, None) for k in ("policy", "listen", "ops_listen", "workers")}
     try:
         cfg = config_mod.load(args.config, flags=flags)

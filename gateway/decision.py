@@ -32,6 +32,24 @@ class CallContext(msgspec.Struct):
     tenant: str
     actor: str
     model: str = ""
+    request_body: bytes = b""  # the model is read from it only when the authority needs it
+
+    def model_name(self) -> str:
+        if not self.model and self.request_body:
+            self.model = model_from_body(self.request_body)
+        return self.model
+
+
+class _ModelField(msgspec.Struct):
+    model: str = ""
+
+
+def model_from_body(body: bytes) -> str:
+    """Decode only the `model` field of a request body."""
+    try:
+        return msgspec.json.decode(body, type=_ModelField).model
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ""
 
 
 class Decider:
@@ -67,7 +85,7 @@ class Decider:
 
     async def _ask(self, policy, call, args, ctx, decision, reason, rule) -> tuple[str, str]:
         auth = policy.authority
-        body = {"tenant": ctx.tenant, "actor": ctx.actor, "provider": ctx.provider, "model": ctx.model,
+        body = {"tenant": ctx.tenant, "actor": ctx.actor, "provider": ctx.provider, "model": ctx.model_name(),
                 "tool": call.name, "arguments": args, "rule": rule, "decision": decision, "reason": reason}
         if self._session is None:
             self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())

@@ -27,6 +27,7 @@ from .governance import registry
 from .governance.base import Verdict
 from .metadata import HEADER_FIELDS, KEY_HEADERS, SUFFIX, Meta, MetadataError, split_key, strip_query_key
 from .policy import PolicyStore
+from .traces import CallRecord, Recorder, env_settings
 from .upstream import Pool, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("sidegate.relay")
@@ -77,6 +78,7 @@ class Relay:
         self.signers: dict[str | None, Signer] = {}
         self.policies = PolicyStore(cfg.policy)
         self.decider = Decider(EscalationStore(cfg.escalations))
+        self.recorder = Recorder(cfg.traces.path, **env_settings())
         self._background: set[asyncio.Task] = set()
         self._not_found = msgspec.json.encode({
             "error": {"type": "not_found", "message": "sidegate: no route for this path",
@@ -89,6 +91,7 @@ class Relay:
     async def stop(self) -> None:
         self._watcher.cancel()
         await self.pool.aclose()
+        await asyncio.to_thread(self.recorder.close)
         await self.decider.aclose()
 
     # -- request side -------------------------------------------------------------
@@ -101,8 +104,28 @@ class Relay:
             await send({"type": START, "status": 404, "headers": JSON_CT})
             await send({"type": BODY, "body": self._not_found})
             return
+        started, t0 = time.time(), time.perf_counter()
+        trace = Trace(Meta())
+        try:
+            await self._handle(scope, receive, send, route, path, end, trace)
+        finally:
+            self._record(route, trace, started, t0)
+
+    def _record(self, route, trace: Trace, started: float, t0: float) -> None:
+        meta = trace.meta
+        path = trace.target.partition("?")[0]
+        self.recorder.submit(CallRecord(
+            started=started, ttfb_ms=(trace.ttfb - t0) * 1000.0 if trace.ttfb else None,
+            duration_ms=(time.perf_counter() - t0) * 1000.0, provider=route.provider, dialect=route.dialect,
+            path=path, model=_model_in_path(route.dialect, path), tenant=meta.tenant or "",
+            actor=meta.actor or "", session=meta.session or "", status=trace.status,
+            traceparent=trace.traceparent.decode("latin-1"), request_body=trace.body,
+            response_content_type=trace.ctype, response_chunks=trace.chunks, tool_calls=list(trace.calls),
+            error=trace.error, traceparent_created=trace.tp_created))
+
+    async def _handle(self, scope, receive, send, route, path, end, trace: Trace) -> None:
         dialect = DIALECTS[route.dialect]
-        meta = Meta()
+        meta = trace.meta
         fwd: list[tuple[bytes, bytes]] = []
         traceparent = clen = None
         sigv4 = False
@@ -131,19 +154,20 @@ class Relay:
             if query and b"sidegate" in query:
                 query = strip_query_key(query.decode("latin-1"), meta).encode("latin-1")
         except MetadataError as e:
-            return await self._error(send, dialect, 400, route, meta, str(e))
+            return await self._error(send, dialect, 400, route, trace, str(e))
         if self.token is not None and not (meta.key and hmac.compare_digest(meta.key.encode(), self.token)):
-            return await self._error(send, dialect, 401, route, meta,
+            return await self._error(send, dialect, 401, route, trace,
                                      "sidegate: missing or wrong gateway key (X-Sidegate-Key)")
         if clen is not None and clen.isdigit() and int(clen) > self.max_body:
-            return await self._error(send, dialect, 413, route, meta,
+            return await self._error(send, dialect, 413, route, trace,
                                      f"sidegate: request body exceeds {self.max_body} bytes")
         try:
             body = await self._read_body(receive)
         except ClientGone:
+            trace.status, trace.error = 499, "client disconnected"
             return
         if body is None:
-            return await self._error(send, dialect, 413, route, meta,
+            return await self._error(send, dialect, 413, route, trace,
                                      f"sidegate: request body exceeds {self.max_body} bytes")
 
         up = route.upstream
@@ -157,7 +181,9 @@ class Relay:
             target = f"{target}?{query.decode('latin-1')}"
         if traceparent is None:
             traceparent = _new_traceparent()
+            trace.tp_created = True
             fwd.append((b"traceparent", traceparent))
+        trace.target, trace.body, trace.traceparent = target, body, traceparent
         fwd.append(IDENTITY)
         if route.injects:
             fwd = self._inject(route, fwd)
@@ -167,11 +193,12 @@ class Relay:
         task = asyncio.current_task()
         watcher = asyncio.ensure_future(_cancel_on_disconnect(receive, task))
         try:
-            await self._forward(send, route, dialect, meta, scope["method"], target, fwd, body, traceparent)
+            await self._forward(send, route, dialect, trace, scope["method"], target, fwd, body, traceparent)
         except asyncio.CancelledError:
             # The client went away: the upstream response (if any) was closed on the way out.
             if watcher.done() and task.cancelling():
                 task.uncancel()
+                trace.status, trace.error = 499, "client disconnected"
                 metrics.request_done(route.provider, metrics.tenant_label(meta.tenant), 499)
             else:
                 raise
@@ -222,7 +249,8 @@ class Relay:
 
     # -- response side ------------------------------------------------------------
 
-    async def _forward(self, send, route, dialect, meta, method, target, fwd, body, traceparent) -> None:
+    async def _forward(self, send, route, dialect, trace: Trace, method, target, fwd, body, traceparent) -> None:
+        meta = trace.meta
         provider = route.provider
         tenant = metrics.tenant_label(meta.tenant)
         up = route.upstream
@@ -231,10 +259,10 @@ class Relay:
             resp = await self.pool.request(method, up.scheme, up.host, up.port, target, fwd, body,
                                            total_timeout=self.total_timeout)
         except UpstreamTimeout:
-            return await self._error(send, dialect, 504, route, meta,
+            return await self._error(send, dialect, 504, route, trace,
                                      "sidegate: upstream did not answer within the timeout")
         except (UpstreamError, OSError) as e:
-            return await self._error(send, dialect, 502, route, meta,
+            return await self._error(send, dialect, 502, route, trace,
                                      f"sidegate: upstream unreachable ({type(e).__name__})")
         metrics.upstream_latency(provider, (time.perf_counter() - t0) * 1000.0)
         try:
@@ -247,29 +275,33 @@ class Relay:
                 if name == b"content-type":
                     ctype = value
                 headers.append((name, value))
-            status = resp.status
+            status = trace.status = resp.status
+            trace.ctype = ctype.decode("latin-1")
             gmod = registry.module_for(route.dialect, target) if status == 200 else None
             gctx = self._governance(route, meta, target, body) if gmod is not None else None
             if ctype.startswith(STREAM_TYPES) or (route.dialect == "gemini" and ":streamGenerateContent" in target):
-                sctype = ctype.decode("latin-1")
+                sctype = trace.ctype
                 framer = gmod.Governor(target, sctype, gctx[2]) if gmod is not None else dialect.framer(target, sctype)
-                await self._stream(send, resp, route, framer, gctx, status, headers)
+                trace.calls = framer.calls
+                await self._stream(send, resp, route, framer, gctx, status, headers, trace)
             else:
                 try:
                     data = await resp.read_all()
                 except UpstreamError as e:
-                    return await self._error(send, dialect, 502, route, meta,
+                    return await self._error(send, dialect, 502, route, trace,
                                              f"sidegate: upstream broke mid-body ({type(e).__name__})")
                 if gmod is not None:
                     try:
-                        data = await self._govern_body(gmod, target, data, gctx)
+                        data = await self._govern_body(gmod, target, data, gctx, trace)
                     except Exception as e:  # fail closed in enforce mode, pass in observe
                         log.exception("%s: governing the body failed: %s", provider, type(e).__name__)
                         if gctx[2]:
-                            return await self._error(send, dialect, 502, route, meta,
+                            return await self._error(send, dialect, 502, route, trace,
                                                      "sidegate: internal error while governing the response")
                 await send({"type": START, "status": status, "headers": headers})
+                trace.ttfb = time.perf_counter()
                 await send({"type": BODY, "body": data})
+                trace.chunks.append(data)
             metrics.request_done(provider, tenant, status)
         finally:
             resp.close()
@@ -284,7 +316,8 @@ class Relay:
         # Nothing can be denied under an allow-all policy: govern in observe mode (no holding).
         trivial = not eff.rules and eff.default == "allow" and policy.authority is None
         enforce = mode == "enforce" and not trivial
-        ctx = CallContext(route.provider, meta.tenant or "", meta.actor or "", _model_of(route.dialect, target, body))
+        ctx = CallContext(route.provider, meta.tenant or "", meta.actor or "",
+                          _model_in_path(route.dialect, target.partition("?")[0]), body)
         return policy, eff, enforce, ctx
 
     async def _decide_all(self, calls, gctx) -> list[Verdict]:
@@ -302,10 +335,11 @@ class Relay:
         for c in calls:
             c.verdict = await self.decider.decide(policy, eff, c, ctx, open_escalations=False)
 
-    async def _govern_body(self, gmod, target, data: bytes, gctx) -> bytes:
+    async def _govern_body(self, gmod, target, data: bytes, gctx, trace: Trace) -> bytes:
         calls = gmod.extract(target, data)
         if not calls:
             return data
+        trace.calls = calls
         verdicts = await self._decide_all(calls, gctx)
         if gctx[2] and not all(v.allowed for v in verdicts):
             for c, v in zip(calls, verdicts, strict=True):
@@ -321,8 +355,9 @@ class Relay:
 
     # -- streaming --------------------------------------------------------------------
 
-    async def _stream(self, send, resp, route, framer, gctx, status, headers) -> None:
+    async def _stream(self, send, resp, route, framer, gctx, status, headers, trace: Trace) -> None:
         await send({"type": START, "status": status, "headers": headers})
+        chunks = trace.chunks
         gauge = metrics.streams(route.provider)
         gauge.inc()
         try:
@@ -332,6 +367,7 @@ class Relay:
                 except UpstreamError as e:
                     log.warning("%s: upstream stream broke: %s", route.provider, type(e).__name__)
                     what = "read timeout" if isinstance(e, UpstreamTimeout) else "connection broke mid-stream"
+                    trace.error = f"upstream {what}"
                     await send({"type": BODY, "body": framer.error(f"sidegate: upstream {what}")})
                     return
                 if not chunk:
@@ -340,6 +376,8 @@ class Relay:
                         tail += await self._resolve(framer, gctx)
                         tail += framer.close()
                     await send({"type": BODY, "body": tail})
+                    if tail:
+                        chunks.append(tail)
                     return
                 try:
                     out = framer.feed(chunk)
@@ -347,40 +385,57 @@ class Relay:
                         out += await self._resolve(framer, gctx)
                 except Exception as e:  # a governor bug: fail closed, never relay undecided calls
                     log.exception("%s: stream processing failed: %s", route.provider, type(e).__name__)
+                    trace.error = "internal error while governing"
                     await send({"type": BODY, "body": framer.error("sidegate: internal error while governing")})
                     return
                 if out:
+                    if trace.ttfb is None:
+                        trace.ttfb = time.perf_counter()
                     await send({"type": BODY, "body": out, "more_body": True})
+                    chunks.append(out)
         finally:
             gauge.dec()
 
-    async def _error(self, send, dialect, status, route, meta, message: str) -> None:
+    async def _error(self, send, dialect, status, route, trace: Trace, message: str) -> None:
+        trace.status, trace.error = status, message
         headers, body = dialect.error_response(status, message)
         await send({"type": START, "status": status,
                     "headers": [(n.encode(), v.encode()) for n, v in headers]})
         await send({"type": BODY, "body": body})
-        metrics.request_done(route.provider, metrics.tenant_label(meta.tenant), status)
+        metrics.request_done(route.provider, metrics.tenant_label(trace.meta.tenant), status)
 
 
 _OBSERVED = Verdict("allow", "observe mode")
 
 
-def _model_of(dialect: str, target: str, body: bytes) -> str:
-    """The model id, for the authority and traces: from the path where the API puts it
-    there, else from the request body (decoding only the `model` field)."""
-    path = target.partition("?")[0]
+def _model_in_path(dialect: str, path: str) -> str:
+    """The model id where the API puts it in the path (Bedrock, Gemini); else "" and the
+    body is read for it later, off the hot path, only by whoever needs it."""
     if dialect == "bedrock" and "/model/" in path:
         return path.split("/model/", 1)[1].split("/", 1)[0]
     if dialect == "gemini" and "/models/" in path:
         return path.rsplit("/models/", 1)[1].split(":", 1)[0]
-    try:
-        return msgspec.json.decode(body, type=_ModelField).model
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return ""
+    return ""
 
 
-class _ModelField(msgspec.Struct):
-    model: str = ""
+class Trace:
+    """What one request leaves for the recorder: references, no copies, no parsing."""
+
+    __slots__ = ("chunks", "ttfb", "calls", "status", "error", "ctype", "meta", "target", "body",
+                 "traceparent", "tp_created")
+
+    def __init__(self, meta: Meta) -> None:
+        self.meta = meta
+        self.chunks: list[bytes] = []
+        self.ttfb: float | None = None
+        self.calls = ()
+        self.status = 0
+        self.error: str | None = None
+        self.ctype = ""
+        self.target = ""
+        self.body = b""
+        self.traceparent = b""
+        self.tp_created = False
 
 
 async def _cancel_on_disconnect(receive, task: asyncio.Task) -> None:

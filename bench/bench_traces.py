@@ -1,0 +1,464 @@
+"""Cost of tracing: the relay-side hand-over and the background writer, per request.
+
+  python -m bench.bench_traces                  # both parts, prints a markdown report
+  python -m bench.bench_traces --part micro     # in-process only (submit, writer CPU per record)
+  python -m bench.bench_traces --part gateway --reps 3 --duration 5
+  python -m bench.bench_traces --write          # also write bench/results-traces.md
+
+Part "micro" (in process): CallRecord construction and Recorder.submit() in ns, then the
+writer thread's CPU per record (its own /proc schedstat) for three traffic shapes, records
+submitted at a steady rate so batches look like a live gateway's:
+  nonstream  the load generator's 2.4 KB chat request, the mock's 551-byte JSON answer
+  unique     the same, but every request carries a different 1 KB question (only the
+             system prompt is shared), from 7 agents
+  stream     the same request, the mock's 64-event SSE answer (68 chunks, ~11 KB)
+  agent      one agent session of 120 calls whose request grows by ~1.5 KB a call up to
+             ~190 KB (the whole conversation is resent each call: stored as deltas)
+
+Part "gateway" (end to end; points: the 2.4 KB non-stream call, the 64-event stream, and a
+100 KB non-stream request like an agent's conversation): `sidegate serve` on
+core 0 with tracing on (default embedded store) and off (SIDEGATE_TRACES=off), the mock
+upstream and the load generator on core 1, interleaved repetitions; CPU per request =
+the gateway process tree's schedstat run time / completed requests. Without the relay
+wiring, the gateway part measures the untraced gateway and reports the overhead the
+micro numbers imply (hand-over + writer CPU / gateway CPU), labelled as an estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from bench.loadgen import make_body  # noqa: E402
+from bench.mock_upstream import CHAT_COMPLETION, SSE_DONE, SSE_FINISH, SSE_ROLE, SSE_USAGE, _WORDS, sse_content  # noqa: E402
+from gateway.traces import CallRecord, Recorder  # noqa: E402
+
+PY = sys.executable
+RESULTS = os.path.join(HERE, "results-traces.md")
+
+
+def sse_events(n: int = 64) -> list[bytes]:
+    return [SSE_ROLE] + [sse_content(_WORDS[i % len(_WORDS)]) for i in range(n)] + [SSE_FINISH, SSE_USAGE, SSE_DONE]
+
+
+def make_record(req: bytes, chunks: list[bytes], ctype: str, session: str = "", i: int = 0,
+                actor: str = "bench") -> CallRecord:
+    return CallRecord(started=time.time(), ttfb_ms=3.2, duration_ms=21.0, provider="openai", dialect="openai",
+                      path="/v1/chat/completions", model="gpt-4.1", tenant="acme", actor=actor, session=session,
+                      status=200, traceparent=f"00-{i:032x}-{i + 1:016x}-01", request_body=req,
+                      response_content_type=ctype, response_chunks=chunks, tool_calls=[], error=None)
+
+
+def agent_requests(n: int = 120) -> list[bytes]:
+    msgs = [{"role": "system", "content": "You are a coding agent. Follow the rules. " * 60}]
+    tools = [{"type": "function", "function": {"name": f"tool_{k}", "description": "does a useful thing " * 25,
+                                               "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+             for k in range(12)]
+    out = []
+    for i in range(n):
+        msgs.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function", "function": {"name": "tool_1", "arguments": '{"x":"%d"}' % i}}]})
+        msgs.append({"role": "tool", "tool_call_id": f"call_{i}",
+                     "content": f"output of step {i}: " + "line of tool output text " * 50})
+        out.append(json.dumps({"model": "gpt-4.1", "messages": msgs, "tools": tools, "stream": True}).encode())
+    return out
+
+
+# -- micro ---------------------------------------------------------------------------------------
+
+def _thread_cpu_ns(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def bench_submit(tmp: str) -> dict:
+    req, resp = make_body(False), CHAT_COMPLETION
+    r = Recorder(os.path.join(tmp, "submit.sqlite"), max_queue=10 ** 7)
+    n = 20000
+    recs = [make_record(req, [resp], "application/json", i=i) for i in range(n)]
+    best_submit = float("inf")
+    for k in range(0, n, 1000):
+        part = recs[k:k + 1000]
+        t0 = time.perf_counter_ns()
+        for rec in part:
+            r.submit(rec)
+        best_submit = min(best_submit, (time.perf_counter_ns() - t0) / len(part))
+    r.flush(120)
+    r.close()
+    best_build = float("inf")
+    chunks = [resp]
+    for _ in range(20):
+        t0 = time.perf_counter_ns()
+        for _ in range(1000):
+            CallRecord(started=1.0, ttfb_ms=3.2, duration_ms=21.0, provider="openai", dialect="openai",
+                       path="/v1/chat/completions", model="gpt-4.1", tenant="acme", actor="bench", session="",
+                       status=200, traceparent="00-x", request_body=req, response_content_type="application/json",
+                       response_chunks=chunks, tool_calls=[], error=None)
+        best_build = min(best_build, (time.perf_counter_ns() - t0) / 1000)
+    return {"submit_ns": round(best_submit), "record_ns": round(best_build)}
+
+
+def bench_writer(tmp: str, shape: str, rate: float = 2000.0, n: int = 6000) -> dict:
+    path = os.path.join(tempfile.mkdtemp(dir=tmp), f"{shape}.sqlite")
+    r = Recorder(path, max_queue=10 ** 6)
+    req = make_body(shape == "stream")
+    if shape == "nonstream":
+        recs = [make_record(req, [CHAT_COMPLETION], "application/json", i=i) for i in range(n)]
+    elif shape == "unique":
+        import random
+
+        rng = random.Random(1)
+        words = [b"alpha", b"beta", b"gamma", b"delta", b"tool", b"file", b"error", b"line", b"value", b"test"]
+        recs = []
+        for i in range(n):  # same system prompt, a different 1 KB question every call
+            text = b" ".join(rng.choice(words) + str(rng.randrange(1000)).encode() for _ in range(120))
+            body = req.replace(b"Hello, please summarise", b"Q" + text, 1)
+            recs.append(make_record(body, [CHAT_COMPLETION], "application/json", actor=f"a{i % 7}", i=i))
+    elif shape == "stream":
+        ev = sse_events(64)
+        recs = [make_record(req, list(ev), "text/event-stream", i=i) for i in range(n)]
+    else:
+        reqs = agent_requests()
+        ev = sse_events(64)
+        recs = [make_record(reqs[i % len(reqs)], list(ev), "text/event-stream", session=f"agent-{i // len(reqs)}", i=i)
+                for i in range(n)]
+    r.flush(30)
+    tid = r._thread.native_id
+    c0 = _thread_cpu_ns(tid)
+    t0 = time.perf_counter()
+    step = 100
+    for k in range(0, n, step):  # a steady rate: `step` records every step/rate seconds
+        for rec in recs[k:k + step]:
+            r.submit(rec)
+        target = t0 + (k + step) / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+    r.flush(120)
+    cpu = _thread_cpu_ns(tid) - c0
+    r.close()
+    req_bytes = sum(len(x.request_body) for x in recs)
+    resp_bytes = sum(sum(map(len, x.response_chunks)) for x in recs)
+    size = os.path.getsize(path) + (os.path.getsize(path + "-wal") if os.path.exists(path + "-wal") else 0)
+    return {"shape": shape, "records": n, "writer_us_per_record": round(cpu / n / 1000, 1),
+            "request_kb": round(req_bytes / n / 1024, 1), "response_kb": round(resp_bytes / n / 1024, 1),
+            "stored_bytes_per_record": round(size / n), "dropped": r.dropped_full, "written": r.written}
+
+
+# -- gateway -------------------------------------------------------------------------------------
+
+class TracedApp:
+    """`bench.bench_traces:traced_app`: the gateway's ASGI app behind a recording shim
+    (wraps receive/send to keep the request body, the response bytes as sent and the
+    time of the first byte), to measure tracing end to end before the relay submits
+    records itself. The shim's own wrapping is counted in the result."""
+
+    def __init__(self) -> None:
+        from gateway.app import ProxyApp
+
+        self.inner = ProxyApp()
+        self.recorder = None
+        self.started = False
+
+    def _start(self) -> None:
+        from gateway.traces import env_settings
+
+        self.started = True
+        path = os.environ.get("SIDEGATE_TRACES", "off")
+        self.shim_only = os.environ.get("SIDEGATE_BENCH_SHIM_ONLY") == "1"
+        self.recorder = Recorder(path, **env_settings()) if path != "off" else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            async def recv():
+                msg = await receive()
+                if msg["type"] == "lifespan.startup" and not self.started:
+                    self._start()
+                elif msg["type"] == "lifespan.shutdown" and self.recorder is not None:
+                    self.recorder.close()
+                return msg
+
+            return await self.inner(scope, recv, send)
+        if not self.started:
+            self._start()
+        rec = self.recorder
+        if (rec is None and not self.shim_only) or kind != "http":
+            return await self.inner(scope, receive, send)
+        started, t0 = time.time(), time.perf_counter()
+        body: list[bytes] = []
+        chunks: list[bytes] = []
+        head: list = [0, "", None]  # status, content type, first byte time
+
+        async def recv():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                body.append(msg.get("body", b""))
+            return msg
+
+        async def snd(msg):
+            if msg["type"] == "http.response.body":
+                if head[2] is None:
+                    head[2] = time.perf_counter()
+                chunks.append(msg.get("body", b""))
+            elif msg["type"] == "http.response.start":
+                head[0] = msg["status"]
+                for n, v in msg.get("headers") or ():
+                    if n == b"content-type":
+                        head[1] = v.decode("latin-1")
+                        break
+            await send(msg)
+
+        await self.inner(scope, recv, snd)
+        end = time.perf_counter()
+        tp = ""
+        for n, v in scope.get("headers") or ():
+            if n == b"traceparent":
+                tp = v.decode("latin-1")
+        record = CallRecord(started=started, ttfb_ms=(head[2] - t0) * 1000.0 if head[2] else None,
+                              duration_ms=(end - t0) * 1000.0, provider="openai", dialect="openai",
+                              path=scope["path"], model="gpt-4.1", tenant="", actor="", session="",
+                              status=head[0], traceparent=tp,
+                              request_body=body[0] if len(body) == 1 else b"".join(body),
+                              response_content_type=head[1], response_chunks=chunks, tool_calls=[], error=None)
+        if rec is not None:
+            rec.submit(record)
+
+
+traced_app = TracedApp()
+
+
+def relay_wired() -> bool:
+    src = open(os.path.join(ROOT, "gateway", "relay.py")).read()
+    return "CallRecord" in src and ".submit(" in src
+
+
+def thread_cpu_ns(pid: int) -> dict[str, int]:
+    """CPU of the process tree by thread kind: the trace writer (`sidegate-traces`), the
+    granian runtime threads (`tokio-rt-worker`), the rest (event loop, main processes)."""
+    from bench.measure_clients import tree_pids
+
+    out = {"writer": 0, "runtime": 0, "loop+rest": 0}
+    for p in tree_pids(pid):
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                try:
+                    with open(f"/proc/{p}/task/{tid}/comm") as f:
+                        comm = f.read().strip()
+                    with open(f"/proc/{p}/task/{tid}/schedstat") as f:
+                        ns = int(f.read().split()[0])
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                kind = "writer" if comm == "sidegate-traces" else "runtime" if comm.startswith("tokio") else "loop+rest"
+                out[kind] += ns
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def bench_gateway(reps: int, duration: float, tmp: str) -> dict:
+    from bench.measure_clients import start, stop, tree_cpu_ns, wait_port
+
+    base = 18900 + os.getpid() % 50 * 4
+    mock_port, gw_port, ops_port = base, base + 1, base + 2
+    mock = start([PY, "-m", "bench.mock_upstream", "--port", str(mock_port)], 1)
+    results: dict[str, dict[str, list]] = {}
+    wired = relay_wired()
+    modes = ["on", "off"] if wired else ["on", "off", "shim"]
+    points = {"nonstream": ["--conns", "16"], "stream": ["--conns", "16", "--stream", "--events", "64"],
+              "nonstream-100k": ["--conns", "16", "--body-size", "100000"]}
+    try:
+        assert wait_port(mock_port)
+        for rep in range(reps):
+            for mode in (modes if rep % 2 == 0 else modes[::-1]):  # interleaved, alternating order
+                env = {k: v for k, v in os.environ.items() if not k.startswith(("SIDEGATE_", "PROMETHEUS_"))}
+                d = tempfile.mkdtemp(dir=tmp)
+                env.update({"SIDEGATE_UPSTREAM_OPENAI": f"http://127.0.0.1:{mock_port}/v1",
+                            "SIDEGATE_POLICY": os.path.join(d, "none.yaml"), "SIDEGATE_LOG_LEVEL": "warning",
+                            "PROMETHEUS_MULTIPROC_DIR": os.path.join(d, "metrics"),
+                            "SIDEGATE_TRACES": os.path.join(d, "traces.sqlite") if mode == "on" else "off",
+                            "SIDEGATE_BENCH_SHIM_ONLY": "1" if mode == "shim" else "0"})
+                if wired:
+                    argv = [PY, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{gw_port}",
+                            "--ops-listen", f"127.0.0.1:{ops_port}"]
+                else:  # the same app behind granian, recorded by the shim above
+                    os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+                    argv = [os.path.join(os.path.dirname(PY), "granian"), "--interface", "asgi", "--loop", "uvloop",
+                            "--workers", "1", "--log-level", "warning", "--no-ws", "--host", "127.0.0.1",
+                            "--port", str(gw_port), "bench.bench_traces:traced_app"]
+                gw = start(argv, 0, env, open(os.path.join(d, "gateway.log"), "w"))
+                try:
+                    if not wait_port(gw_port, 30):
+                        raise RuntimeError(open(os.path.join(d, "gateway.log")).read()[-2000:])
+                    time.sleep(1.0)
+                    for point, args in points.items():
+                        cmd = ["taskset", "-c", "1", PY, "-m", "bench.loadgen", "--target", f"127.0.0.1:{gw_port}",
+                               "--path", "/v1/openai/chat/completions", "--duration", str(duration),
+                               "--warmup", "0.5", "--json", *args]
+                        # warm-up run outside the measurement, then the measured run
+                        c0, w0 = tree_cpu_ns(gw.pid), thread_cpu_ns(gw.pid)
+                        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=duration + 60)
+                        time.sleep(0.3)  # the writer's last batch
+                        c1, w1 = tree_cpu_ns(gw.pid), thread_cpu_ns(gw.pid)
+                        res = json.loads(out.stdout.strip().splitlines()[-1])
+                        # warm-up requests are served too: count them with the CPU
+                        served = res["requests"] * (duration + 0.5) / duration
+                        results.setdefault(point, {}).setdefault(mode, []).append(
+                            {"cpu_us": (c1 - c0) / 1000 / served,
+                             "writer_us": (w1["writer"] - w0["writer"]) / 1000 / served,
+                             "runtime_us": (w1["runtime"] - w0["runtime"]) / 1000 / served,
+                             "loop_us": (w1["loop+rest"] - w0["loop+rest"]) / 1000 / served,
+                             "rps": res["rps"], "p50_ms": res["p50_ms"],
+                             "p99_ms": res["p99_ms"], "errors": res["errors"]})
+                finally:
+                    stop(gw)
+    finally:
+        stop(mock)
+    return {"modes": modes, "points": results, "wired": wired}
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def report(micro: dict | None, gw: dict | None) -> str:
+    lines = ["# Tracing cost (bench/bench_traces.py)", ""]
+    lines.append(f"Machine: {os.cpu_count()} CPU(s), Python {sys.version.split()[0]}; "
+                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
+    lines.append("")
+    if micro:
+        s = micro["submit"]
+        lines += ["## Relay side (event loop)", "",
+                  "| step | cost |", "|---|---|",
+                  f"| build a `CallRecord` (17 fields, references only) | {s['record_ns']} ns |",
+                  f"| `Recorder.submit()` (length check, deque append) | {s['submit_ns']} ns |", ""]
+        lines += ["## Writer thread, per record (CPU of the writer thread only; 2000 records/s)", "",
+                  "| traffic | request | response | writer CPU / record (median) | runs | stored / record | dropped |",
+                  "|---|---|---|---|---|---|---|"]
+        for w in micro["writer"]:
+            lines.append(f"| {w['shape']} | {w['request_kb']} KB | {w['response_kb']} KB | "
+                         f"{w['writer_us_per_record']:.1f} us | {', '.join(f'{x:.1f}' for x in w['runs'])} | "
+                         f"{w['stored_bytes_per_record']} B | {w['dropped']} |")
+        lines.append("")
+    if gw:
+        pts = gw["points"]
+        if True:
+            how = ("`sidegate serve`, the relay's own hand-over" if gw.get("wired") else
+                   "granian + the gateway app, records handed over by the shim `bench.bench_traces:traced_app` "
+                   "(the relay does not submit records yet)")
+            lines += ["## Whole gateway: tracing on vs off (CPU of the gateway process tree per request)", "",
+                      f"How: {how}; `SIDEGATE_TRACES=off` vs the embedded store; gateway on core 0, mock upstream "
+                      "and load generator (16 connections, closed loop) on core 1; "
+                      f"{len(next(iter(pts.values()))['on'])} interleaved repetitions, medians.", ""]
+            if "shim" in gw["modes"]:
+                lines += ["The shim's own wrapping of receive/send (not part of tracing) is measured alone "
+                          "(`shim`: wrapped, nothing recorded) and taken out: overhead = (on - shim) / off.", ""]
+            lines += [
+                      "| traffic | off: CPU/req | on: CPU/req | overhead | writer thread | event loop + rest (off → on) "
+                      "| granian runtime threads (off → on) | off: p50 / p99 | on: p50 / p99 |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for point, by in pts.items():
+                off = statistics.median(x["cpu_us"] for x in by["off"])
+                on = statistics.median(x["cpu_us"] for x in by["on"])
+                if "shim" in by:
+                    shim = statistics.median(x["cpu_us"] for x in by["shim"])
+                    on_net = off + on - shim
+                else:
+                    shim, on_net = None, on
+                def lat(m, by=by):
+                    return (f"{statistics.median(x['p50_ms'] for x in by[m]):.2f} / "
+                            f"{statistics.median(x['p99_ms'] for x in by[m]):.2f} ms")
+                wr = statistics.median(x["writer_us"] for x in by["on"])
+
+                def med(mode, key, by=by):
+                    return statistics.median(x[key] for x in by[mode])
+                loop = f"{med('off', 'loop_us'):.0f} → {med('on', 'loop_us'):.0f} us"
+                rt = f"{med('off', 'runtime_us'):.0f} → {med('on', 'runtime_us'):.0f} us"
+                shown_on = f"{on:.0f} us" + (f" (shim alone {shim:.0f} us)" if shim is not None else "")
+                lines.append(f"| {point} | {off:.0f} us | {shown_on} | {100 * (on_net - off) / off:+.1f}% | "
+                             f"{wr:.0f} us | {loop} | {rt} | {lat('off')} | {lat('on')} |")
+        else:
+            lines += ["## Whole gateway (relay not wired yet: tracing cost estimated from the micro numbers)", "",
+                      "| traffic | gateway CPU/req (untraced) | tracing CPU/req (hand-over + writer) | estimated overhead |",
+                      "|---|---|---|---|"]
+            writer = {w["shape"]: w["writer_us_per_record"] for w in (micro or {}).get("writer", [])}
+            hand = ((micro or {}).get("submit", {}).get("submit_ns", 0)
+                    + (micro or {}).get("submit", {}).get("record_ns", 0)) / 1000
+            for point, by in pts.items():
+                off = statistics.median(x["cpu_us"] for x in by["off"])
+                cost = writer.get(point, 0) + hand
+                lines.append(f"| {point} | {off:.0f} us | {cost:.1f} us | {100 * cost / off:.1f}% |")
+        lines.append("")
+    lines += NOTES
+    return "\n".join(lines)
+
+
+NOTES = """## Reading these numbers
+
+* The machine is a shared 2-core VM where other benchmarks run at the same time: runs
+  of the same point vary by 20-30 %. Each table shows medians of interleaved runs; the
+  per-thread columns are more stable than the totals.
+* What tracing costs per request: the hand-over on the event loop (`CallRecord` + submit,
+  about 1 us with the relay's chunk list), the writer thread, and the cost of a second
+  Python thread on the same core: the event loop and granian's runtime threads wait for
+  the GIL while the writer holds it, and run with colder caches after it (the "off → on"
+  columns).
+* The writer per record: usage ~1 us (the usage event only, msgspec Structs), the model
+  from the body ~1 us when the relay leaves it empty, the request delta 1-5 us, meta
+  encoding ~1 us, deflating the stream lane ~0.6 ns/byte (an 18 KB SSE answer: ~12 us),
+  and the SQLite row ~5 us (8-9 us in the gateway, with cold caches). Without the row
+  (metrics and audit only) the writer costs ~9 us per non-stream call.
+* Target: at most 10 % more CPU per request. Met for 100 KB requests (agent-sized: the
+  gateway spends more per call, the store less per byte thanks to deltas) and by the
+  hand-over on the event loop (~1 us). Not met for the small points: the gateway spends
+  only ~100 us on a 2.4 KB non-stream call and ~250 us on a 64-event stream, and the
+  writer (one SQLite row per call, ~20 us and ~40 us there) plus the GIL contention it
+  causes on the same core (+10-20 us on the loop and runtime threads) come to +25-35 %
+  and +20-25 %. What would close most of the gap: one SQLite row per writer batch
+  instead of per call (saves ~8 us per call, costs indexed session queries), and running
+  the gateway on 2+ cores so the writer does not share the event loop's core.
+""".splitlines()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=("all", "micro", "gateway"), default="all")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--micro-reps", type=int, default=3, help="runs per traffic shape (median reported)")
+    ap.add_argument("--write", action="store_true", help=f"write {os.path.relpath(RESULTS, ROOT)}")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="sidegate-bench-traces-")
+    micro = gw = None
+    if args.part in ("all", "micro"):
+        writer = []
+        for shape in ("nonstream", "unique", "stream", "agent"):
+            runs = [bench_writer(tmp, shape) for _ in range(args.micro_reps)]
+            best = dict(runs[0])
+            best["writer_us_per_record"] = statistics.median(r["writer_us_per_record"] for r in runs)
+            best["runs"] = [r["writer_us_per_record"] for r in runs]
+            writer.append(best)
+        micro = {"submit": bench_submit(tmp), "writer": writer}
+    if args.part in ("all", "gateway"):
+        gw = bench_gateway(args.reps, args.duration, tmp)
+    if args.json:
+        print(json.dumps({"micro": micro, "gateway": gw}))
+    text = report(micro, gw)
+    print(text)
+    if args.write:
+        with open(RESULTS, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
