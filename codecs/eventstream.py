@@ -295,6 +295,35 @@ class EventStreamDecoder:
             self._error = err
             raise
 
+    def skip(self, data: bytes) -> bool:
+        """Fast path for a caller that relays whole frames it need not look at.
+
+        When nothing is buffered and ``data`` is whole frames that ``feed()``
+        would decode without error (lengths and both CRCs checked, each header
+        block one a decoder has already parsed), they are counted as decoded
+        (``offset`` moves on) without being built, and True is returned.
+        Otherwise nothing is consumed and False is returned (``feed()`` it).
+        """
+        if self._buf or self._error is not None or self._closed or type(data) is not bytes:
+            return False
+        n = len(data)
+        pos = 0
+        cache = _HEADER_CACHE
+        while pos < n:
+            if n - pos < PRELUDE_LENGTH:
+                return False
+            total, hlen, pcrc = _unpack_prelude(data, pos)
+            end = pos + total
+            if end > n or hlen > self.max_headers or total - hlen - 16 > self.max_payload or total < hlen + 16:
+                return False
+            if crc32(data[pos:pos + 8]) != pcrc or crc32(data[pos + 8:end - 4], pcrc) != _unpack_u32(data, end - 4)[0]:
+                return False
+            if data[pos + 12:pos + 12 + hlen] not in cache:
+                return False
+            pos = end
+        self._base += n
+        return True
+
     def close(self) -> list[EventStreamMessage]:
         """End of stream; raises :class:`MalformedFrame` if bytes of an
         unfinished frame are left over."""

@@ -256,6 +256,21 @@ class SSEDecoder:
             hint = 0
         return self._run(b, cr, hint, False)
 
+    def skip(self, data: bytes) -> bool:
+        """Fast path for a caller that relays whole events it need not look at.
+
+        When nothing is buffered, the stream's first event was already decoded
+        and ``data`` ends on an event boundary (LF LF or CRLF CRLF), every byte
+        of ``data`` belongs to complete events: they are counted as decoded
+        (``offset`` moves on) without being built, and True is returned.
+        Otherwise nothing is consumed and False is returned (``feed()`` it).
+        """
+        if self._buf or self._first or self._error is not None or self._closed \
+                or len(data) > self.max_event_size or not data.endswith((b"\n\n", b"\r\n\r\n")):
+            return False
+        self._base += len(data)
+        return True
+
     def close(self) -> list[SSEEvent]:
         """End of stream: returns the remaining events, the last one possibly
         without a terminating blank line.  Later ``feed()`` calls fail."""

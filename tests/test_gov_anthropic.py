@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import random
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +24,7 @@ from gateway.governance import bedrock_invoke as binv
 from gateway.governance.base import Verdict
 from tests.support import sdk_drivers as sdk
 from tests.support.fake_upstream import FakeUpstream, Reply, load_fixture, load_meta
+from tests.support.govern import run_governor, split_bytes, split_random, split_sizes
 
 SSE_CTYPE = "text/event-stream; charset=utf-8"
 ES_CTYPE = "application/vnd.amazon.eventstream"
@@ -140,31 +140,14 @@ def _chunks(data: bytes, split) -> list[bytes]:
     if split == "whole":
         return [data]
     if split == "bytes":
-        return [data[i:i + 1] for i in range(len(data))]
-    rng = random.Random(split)
-    out, i = [], 0
-    while i < len(data):
-        n = rng.randint(1, 97)
-        out.append(data[i:i + n])
-        i += n
-    return out
+        return split_bytes(data)
+    return split_random(data, split, max_size=97)
 
 
 def drive(mod, data: bytes, decide, enforce: bool = True, split=0, path: str = MSG_PATH, ctype: str = SSE_CTYPE):
     """Run a governor as the relay does; returns (output bytes, governor)."""
     gov = mod.Governor(path, ctype, enforce)
-    out = []
-    for chunk in _chunks(data, split):
-        piece = gov.feed(chunk)
-        while gov.pending:
-            piece += gov.resolve([decide(c) for c in gov.pending])
-        out.append(piece)
-    tail = gov.close()
-    while gov.pending:
-        tail += gov.resolve([decide(c) for c in gov.pending])
-        tail += gov.close()
-    out.append(tail)
-    return b"".join(out), gov
+    return run_governor(gov, _chunks(data, split), decide), gov
 
 
 def allow_all(call):
@@ -251,16 +234,14 @@ def test_observe_mode_never_holds(case):
     _, mod, data, ctype, meta = case
     gov = mod.Governor(MSG_PATH, ctype, False)
     sent = []
-    for chunk in _chunks(data, 7):
-        sent.append(gov.feed(chunk))
+
+    def after_feed(chunk, piece):
+        sent.append(piece)
         # everything the codec has framed went out at once
         assert sum(map(len, sent)) == gov.decoder.offset
-        if gov.pending:
-            assert gov.resolve([deny_all(c) for c in gov.pending]) == b""
-    sent.append(gov.close())
-    if gov.pending:
-        assert gov.resolve([deny_all(c) for c in gov.pending]) == b""
-    assert b"".join(sent) == data
+
+    # (run_governor checks that every resolve() of an observe-mode governor returns b"")
+    assert run_governor(gov, _chunks(data, 7), deny_all, after_feed=after_feed) == data
     assert [c.name for c in gov.calls] == [t["name"] for t in meta["tool_calls"]]
     assert all(c.verdict.outcome == "deny" for c in gov.calls)  # recorded, not applied
 
@@ -431,19 +412,7 @@ def test_any_chunking_same_output(sizes, case):
     _, mod, data, ctype, _ = case
     ref, _ = drive(mod, data, deny_nth(0), ctype=ctype)
     gov = mod.Governor(MSG_PATH, ctype, True)
-    out, i, k = [], 0, 0
-    decide = deny_nth(0)
-    while i < len(data):
-        n = sizes[k % len(sizes)]
-        out.append(gov.feed(data[i:i + n]))
-        while gov.pending:
-            out.append(gov.resolve([decide(c) for c in gov.pending]))
-        i, k = i + n, k + 1
-    out.append(gov.close())
-    while gov.pending:
-        out.append(gov.resolve([decide(c) for c in gov.pending]))
-        out.append(gov.close())
-    assert b"".join(out) == ref
+    assert run_governor(gov, split_sizes(data, sizes), deny_nth(0)) == ref
 
 
 # -- non-streaming --------------------------------------------------------------------------

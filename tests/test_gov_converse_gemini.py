@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import random
 
 import msgspec
 import pytest
@@ -23,6 +22,7 @@ from gateway.governance import gemini as gem
 from gateway.governance.base import Verdict
 from tests.support import sdk_drivers as sdk
 from tests.support.fake_upstream import FakeUpstream, Reply, all_fixtures, load_fixture, load_meta
+from tests.support.govern import run_governor, split_random
 
 ES = "application/vnd.amazon.eventstream"
 SSE = "text/event-stream"
@@ -65,15 +65,7 @@ def genai(srv):
 
 
 def _split(data: bytes, seed: int | None) -> list[bytes]:
-    if seed is None:
-        return [data]
-    rng = random.Random(seed)
-    out, i = [], 0
-    while i < len(data):
-        n = rng.randint(1, 97)
-        out.append(data[i:i + n])
-        i += n
-    return out
+    return split_random(data, seed, max_size=97)
 
 
 class Script:
@@ -92,18 +84,7 @@ class Script:
 
 def run(gov, data: bytes, decide, seed: int | None = 0) -> bytes:
     """Drive `gov` the way the relay does."""
-    out = []
-    for chunk in _split(data, seed):
-        piece = gov.feed(chunk)
-        while gov.pending:
-            piece += gov.resolve([decide(c) for c in gov.pending])
-        out.append(piece)
-    tail = gov.close()
-    while gov.pending:
-        tail += gov.resolve([decide(c) for c in gov.pending])
-        tail += gov.close()
-    out.append(tail)
-    return b"".join(out)
+    return run_governor(gov, _split(data, seed), decide)
 
 
 def _args(text: str):
@@ -203,13 +184,8 @@ def test_converse_stream_observe_changes_nothing(fixture):
     data = load_fixture(fixture)
     for seed in SEEDS:
         gov = conv.Governor(CONV_STREAM_PATH, ES, False)
-        out = []
-        for chunk in _split(data, seed):
-            out.append(gov.feed(chunk))
-            while gov.pending:
-                assert gov.resolve([deny() for _ in gov.pending]) == b""
-        out.append(gov.close())
-        assert b"".join(out) == data
+        # (run_governor checks that every resolve() of an observe-mode governor returns b"")
+        assert run(gov, data, lambda call: deny(), seed) == data
         assert _gov_calls(gov.calls) == _meta_calls(load_meta(fixture))
         assert all(c.verdict.outcome == "deny" for c in gov.calls)
 
@@ -401,13 +377,8 @@ def test_gemini_stream_observe_changes_nothing(fixture):
     data = load_fixture(fixture)
     for seed in SEEDS:
         gov = _gem(enforce=False)
-        out = []
-        for chunk in _split(data, seed):
-            out.append(gov.feed(chunk))
-            while gov.pending:
-                assert gov.resolve([deny() for _ in gov.pending]) == b""
-        out.append(gov.close())
-        assert b"".join(out) == data
+        # (run_governor checks that every resolve() of an observe-mode governor returns b"")
+        assert run(gov, data, lambda call: deny(), seed) == data
         assert _gov_calls(gov.calls) == _meta_calls(load_meta(fixture))
 
 
@@ -616,22 +587,11 @@ def test_tiny_chunks(fixture):
     data = load_fixture(fixture)
     stream = fixture.endswith(".sse")
     mk = (lambda: _gem()) if stream else (lambda: conv.Governor(CONV_STREAM_PATH, ES, True))
-    rng = random.Random(9)
-    pieces, i = [], 0
-    while i < len(data):
-        n = rng.randint(1, 3)
-        pieces.append(data[i:i + n])
-        i += n
+    pieces = split_random(data, 9, max_size=3)
     for decide in (Script(), Script(default=deny())):
-        gov = mk()
-        out = []
-        for p in pieces:
-            out.append(gov.feed(p))
-            while gov.pending:
-                out.append(gov.resolve([decide(c) for c in gov.pending]))
-        out.append(gov.close())
+        out = run_governor(mk(), pieces, decide)
         whole = run(mk(), data, Script(default=decide.default), seed=None)
-        assert b"".join(out) == whole
+        assert out == whole
         if decide.default.allowed:
             assert whole == data
 

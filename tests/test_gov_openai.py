@@ -11,7 +11,6 @@ the marker text, the remaining calls with their exact arguments and the right st
 from __future__ import annotations
 
 import json
-import random
 
 import openai
 import pytest
@@ -27,6 +26,7 @@ from tests.support.fake_upstream import (
     load_fixture,
     load_meta,
 )
+from tests.support.govern import run_governor, split_bytes, split_random
 
 SSE = [("content-type", "text/event-stream; charset=utf-8")]
 JSON = [("content-type", "application/json")]
@@ -52,33 +52,11 @@ def by_name(**verdicts):
 
 # -- driving a governor like the relay does ---------------------------------------------
 
-def split(body: bytes, seed):
-    if seed is None:
-        return [body]
-    rng = random.Random(seed)
-    out, i = [], 0
-    while i < len(body):
-        n = rng.randint(1, 64)
-        out.append(body[i:i + n])
-        i += n
-    return out
-
-
 def govern(mod, body: bytes, decide, enforce: bool = True, seed=0, path=None):
     """Feed `body` in random pieces; resolve pending calls after every feed, as the relay does."""
     gov = mod.Governor(path or ("/v1/openai/responses" if mod is resp else "/v1/openai/chat/completions"),
                        "text/event-stream", enforce)
-    out = []
-    for piece in split(body, seed):
-        out.append(gov.feed(piece))
-        while gov.pending:
-            out.append(gov.resolve([decide(c) for c in gov.pending]))
-    tail = gov.close()
-    while gov.pending:
-        tail += gov.resolve([decide(c) for c in gov.pending])
-        tail += gov.close()
-    out.append(tail)
-    return b"".join(out), gov
+    return run_governor(gov, split_random(body, seed, max_size=64), decide), gov
 
 
 def chunk(choices, cid="chatcmpl-x", **extra) -> bytes:
@@ -923,12 +901,4 @@ def test_rewritten_output_does_not_depend_on_chunking(fixture):
     for seed in (1, 2):
         assert govern(mod, body, decide, seed=seed)[0] == whole
     gov = mod.Governor("/v1/openai/x", "text/event-stream", True)
-    out = []
-    for i in range(len(body)):  # one byte at a time
-        out.append(gov.feed(body[i:i + 1]))
-        while gov.pending:
-            out.append(gov.resolve([decide(c) for c in gov.pending]))
-    out.append(gov.close())
-    while gov.pending:
-        out.append(gov.resolve([decide(c) for c in gov.pending]) + gov.close())
-    assert b"".join(out) == whole
+    assert run_governor(gov, split_bytes(body), decide) == whole  # one byte at a time

@@ -250,6 +250,14 @@ class Governor(AnthropicEventGovernor):
     def __init__(self, path: str = "", content_type: str = "text/event-stream", enforce: bool = True) -> None:
         super().__init__(SSEDecoder(), enforce, stream_error)
 
+    def feed(self, chunk: bytes) -> bytes:
+        # Fast path: outside a tool block, a chunk of whole events without "tool_use" is
+        # what `on_event` would pass event by event; the decoder only counts its bytes.
+        if self._open is None and NEEDLE not in chunk and not self._queue and not self.pending \
+                and not self._closed and not self._dead and self.decoder.skip(chunk):
+            return chunk
+        return EventGovernor.feed(self, chunk)
+
     def on_event(self, ev) -> bytes:
         if self._open is None:
             raw = ev.raw

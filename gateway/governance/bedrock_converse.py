@@ -276,7 +276,7 @@ class Governor(EventGovernor):
         if not isinstance(body, dict) or body.get("stopReason") != "tool_use":
             return raw
         body["stopReason"] = "end_turn"
-        return encode_message(ev.typed_headers, _encode(body))
+        return encode_message(_headers(ev), _encode(body))
 
     # -- framing and end of stream --------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
@@ -366,10 +366,26 @@ class Governor(EventGovernor):
         return self.error(message)
 
 
+def _headers(ev):
+    """The headers of `ev` to encode a new frame with, in wire order and wire types: the
+    decoded dict when every value is a string (type 7, as encode_message writes a str; the
+    encoder caches such dicts), else the typed list."""
+    headers = ev.headers
+    for v in headers.values():
+        if type(v) is not str:
+            return ev.typed_headers
+    return headers
+
+
 def _text_delta(start_ev, index: int, text: str) -> bytes:
     """A contentBlockDelta frame carrying `text`, with the headers of `start_ev`."""
-    headers = [(name, HeaderValue(7, "contentBlockDelta") if name == ":event-type" else value)
-               for name, value in start_ev.typed_headers]
+    headers = _headers(start_ev)
+    if type(headers) is dict:
+        if ":event-type" in headers:
+            headers = {**headers, ":event-type": "contentBlockDelta"}
+    else:
+        headers = [(name, HeaderValue(7, "contentBlockDelta") if name == ":event-type" else value)
+                   for name, value in headers]
     return encode_message(headers, _encode({"contentBlockIndex": index, "delta": {"text": text}}))
 
 

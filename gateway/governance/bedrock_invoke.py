@@ -32,6 +32,7 @@ from .anthropic import (
     rewrite,
     stop_to_end_turn,
 )
+from .base import EventGovernor
 
 __all__ = ["Governor", "extract", "rewrite"]
 
@@ -72,6 +73,16 @@ class Governor(AnthropicEventGovernor):
     def __init__(self, path: str = "", content_type: str = "application/vnd.amazon.eventstream",
                  enforce: bool = True) -> None:
         super().__init__(EventStreamDecoder(), enforce, exception_frame)
+
+    def feed(self, chunk: bytes) -> bytes:
+        # Fast path: outside a tool block, whole valid frames none of whose bytes hold a
+        # needle are what `on_event` would pass frame by frame; the decoder checks them
+        # (lengths, CRCs, known header blocks) and counts their bytes without building them.
+        if self._open is None and _N0 not in chunk and _N1 not in chunk and _N2 not in chunk \
+                and b"\\" not in chunk and not self._queue and not self.pending and not self._closed \
+                and not self._dead and self.decoder.skip(chunk):
+            return chunk
+        return EventGovernor.feed(self, chunk)
 
     def on_event(self, ev) -> bytes:
         if self._open is None:

@@ -187,6 +187,20 @@ class Governor(EventGovernor):
         self._meta: dict | None = None
 
     # -- events ---------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> bytes:
+        # Fast path: one whole single-line LF-framed event (`data: ...\n\n`) without
+        # "tool_calls" while idle, handled as `on_event` would (its text choice noted);
+        # the decoder only counts its bytes.
+        if self._idle and chunk.find(b"\n") == len(chunk) - 2 and chunk.endswith(b"\n\n") \
+                and _TOOL_CALLS not in chunk and b"\r" not in chunk and not self._queue and not self.pending \
+                and not self._closed and not self._dead:
+            m = _CHOICE_TEXT.search(chunk)
+            if (m is not None or _TEXT not in chunk) and self.decoder.skip(chunk):
+                if m is not None:
+                    self._texted.add(m.group(1))
+                return chunk
+        return EventGovernor.feed(self, chunk)
+
     def on_event(self, ev) -> bytes:
         raw = ev.raw
         if self._idle and _TOOL_CALLS not in raw:
