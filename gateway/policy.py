@@ -68,11 +68,6 @@ class Rule:
         self.args = _compile(spec.args, f"{where}.args")
         self.actor = _compile(spec.actor, f"{where}.actor")
 
-    def matches(self, tool: str, args: str, actor: str) -> bool:
-        return ((self.tool is None or self.tool.search(tool) is not None)
-                and (self.actor is None or self.actor.search(actor) is not None)
-                and (self.args is None or self.args.search(args) is not None))
-
 
 def _compile(pattern: str | None, field: str):
     if pattern is None:
@@ -93,16 +88,28 @@ class Outcome(msgspec.Struct, frozen=True):
 class Effective:
     """The policy as one tenant sees it."""
 
-    __slots__ = ("mode", "default", "rules")
+    __slots__ = ("mode", "default", "rules", "_candidates")
 
     def __init__(self, mode: str, default: str, rules: list[Rule]) -> None:
         self.mode = mode
         self.default = default
         self.rules = rules
+        # (tool, actor) -> rules whose tool and actor patterns match: agents call the same
+        # few tools again and again, so only the argument regexes run per call.
+        self._candidates: dict[tuple[str, str], list[Rule]] = {}
 
     def evaluate(self, tool: str, args: str, actor: str) -> Outcome:
-        for rule in self.rules:
-            if rule.matches(tool, args, actor):
+        key = (tool, actor)
+        rules = self._candidates.get(key)
+        if rules is None:
+            if len(self._candidates) >= 4096:
+                self._candidates.clear()
+            rules = self._candidates[key] = [
+                r for r in self.rules
+                if (r.tool is None or r.tool.search(tool) is not None)
+                and (r.actor is None or r.actor.search(actor) is not None)]
+        for rule in rules:
+            if rule.args is None or rule.args.search(args) is not None:
                 return Outcome(rule.decision, rule.reason, rule.name)
         return Outcome(self.default, "no rule matched" if self.default != "allow" else "", None)
 
