@@ -8,7 +8,6 @@ import sys
 from . import config as config_mod
 from . import routes
 from .policy import load_or_default
-from .traces import cli as traces_cli
 from .config import ConfigError
 
 
@@ -22,7 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ops-listen", help="ops HOST:PORT (SIDEGATE_OPS_LISTEN), default 127.0.0.1:8006")
     s.add_argument("--workers", type=int, help="proxy worker processes (SIDEGATE_WORKERS)")
     s.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    traces_cli.add_parser(sub)
+    # `traces` is parsed by gateway/traces/cli.py, imported only when used: importing the
+    # trace writer pulls in the metrics, which must not start before `serve` sets them up.
+    sub.add_parser("traces", help="read the local trace store (sessions, show, export)")
     e = sub.add_parser("env", help="print shell exports that point agents and SDKs at the gateway")
     e.add_argument("--config", help="config file (SIDEGATE_CONFIG)")
     e.add_argument("--listen", help="proxy HOST:PORT")
@@ -43,9 +44,14 @@ def env_exports(listen: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["traces"]:
+        from .traces import cli as traces_cli
+
+        top = argparse.ArgumentParser(prog="sidegate")
+        traces_cli.add_parser(top.add_subparsers(dest="cmd", required=True))
+        return traces_cli.run(top.parse_args(argv))
     args = _parser().parse_args(argv)
-    if args.cmd == "traces":
-        return traces_cli.run(args)
     flags = {k: getattr(args, k, None) for k in ("policy", "listen", "ops_listen", "workers")}
     try:
         cfg = config_mod.load(args.config, flags=flags)
