@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test bench bench-quick install clean
+.PHONY: serve test bench bench-quick bench-micro install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,13 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python -m pytest bench/bench_codecs.py --benchmark-enable -q
+	$(BIN)/python -m bench
+
+bench-quick: install
+	$(BIN)/python -m bench --quick
+
+bench-micro: install
+	$(BIN)/python -m pytest bench/bench_codecs.py bench/bench_governance.py bench/bench_traces.py --benchmark-enable -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
