@@ -17,16 +17,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
 serve: install
 	$(BIN)/sidegate serve
 
 test: install
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench
 
-bench-quick: install
+bench-quick: $(VENV)/.bench-installed
 	$(BIN)/python -m bench --quick
 
 bench-micro: install

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -52,118 +51,16 @@ POINTS = {
     "c1": ["--conns", "1"],
     "c16": ["--conns", "16"],
     "c64": ["--conns", "64"],
-    "s16": ["--conns", "16", "--stream", "--events", str(EVENTS)],
+    # one upstream write per event (x-mock-batch: 0), as when these results were taken
+    "s16": ["--conns", "16", "--stream", "--events", str(EVENTS), "-H", "x-mock-batch: 0"],
     "s16-paced2ms": ["--conns", "16", "--stream", "--events", str(EVENTS), "--pace-ms", "2"],
 }
 
 
-# ----------------------------------------------------------------------------- /proc helpers
-
-
-def tree_pids(pid: int) -> list[int]:
-    out = [pid]
-    i = 0
-    while i < len(out):
-        p = out[i]
-        i += 1
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    out += [int(x) for x in f.read().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return out
-
-
-def tree_cpu_ns(pid: int) -> int:
-    tot = 0
-    for p in tree_pids(pid):
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                try:
-                    with open(f"/proc/{p}/task/{tid}/schedstat") as f:
-                        tot += int(f.read().split()[0])
-                except (FileNotFoundError, ProcessLookupError):
-                    pass
-        except FileNotFoundError:
-            pass
-    return tot
-
-
-def tree_cpu_ticks_ns(pid: int) -> int:
-    """utime+stime from /proc/<pid>/stat (10 ms ticks), summed over the tree, in ns."""
-    tot = 0
-    for p in tree_pids(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            tot += int(fields[11]) + int(fields[12])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return tot * (1_000_000_000 // os.sysconf("SC_CLK_TCK"))
-
-
-def rss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return 0
-
-
-def tree_rss_kib(pid: int) -> int:
-    return sum(rss_kib(p) for p in tree_pids(pid))
-
-
-def machine_busy():
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + v[4]
-    return sum(v) - idle, sum(v)
-
+from bench.procs import (machine_busy, port_free, rss_kib, start, stop, tree_cpu_ns, tree_cpu_ticks_ns,  # noqa: F401
+                         tree_pids, tree_rss_kib, wait_port)
 
 # ----------------------------------------------------------------------------- processes
-
-
-def wait_port(port, timeout=10.0):
-    t = time.time() + timeout
-    while time.time() < t:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def port_free(port):
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def start(argv, core, env=None, log=None):
-    full = ["taskset", "-c", str(core)] + argv
-    return subprocess.Popen(full, cwd=ROOT, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(p: subprocess.Popen):
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGINT)
-            p.wait(5)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(2)
 
 
 def start_target(name, port, env, logdir):
@@ -290,7 +187,7 @@ def summarize(results, max_foreign, points=None):
     else:
         order = list(POINTS)
         keys.sort(key=lambda k: order.index(k[1]) if k[1] in order else 99)
-    rows.append(f"| target | point | clean reps | req/s | p99 ms | relay CPU µs/req | relay CPU µs/event |")
+    rows.append("| target | point | clean reps | req/s | p99 ms | relay CPU µs/req | relay CPU µs/event |")
     rows.append("|---|---|---|---|---|---|---|")
     for t, pt in keys:
         rs = [r for r in results if r["target"] == t and r["point"] == pt and "rps" in r]
@@ -410,7 +307,6 @@ def main(argv=None):
     # ---------------------------------------------------------------- tables
     out = []
     if results:
-        reps = a.reps
         out.append(f"\n## Clients (each cell: rep 1 / rep 2 ...; {a.duration:g} s per point + {a.warmup:g} s warm-up)\n")
         out.append("| target | point | req/s | p50 ms | p99 ms | relay CPU µs/req | relay CPU µs/event | mock CPU µs/req | foreign CPU % | errors | relay RSS MiB |")
         out.append("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -59,6 +59,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True):
     workers: int = 1
     policy: str = "./sidegate.policy.yaml"
     max_request_bytes: int = 32 * 1024 * 1024
+    upstream_connections: int = 1024  # per upstream host and worker; more requests wait for one
     proxy_token: str | None = None  # X-Sidegate-Key required when set
     allow_public_listen: bool = False
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
@@ -75,6 +76,7 @@ ENV_FIELDS = {
     "SIDEGATE_WORKERS": "workers",
     "SIDEGATE_POLICY": "policy",
     "SIDEGATE_MAX_REQUEST_BYTES": "max_request_bytes",
+    "SIDEGATE_UPSTREAM_CONNECTIONS": "upstream_connections",
     "SIDEGATE_PROXY_TOKEN": "proxy_token",
     "SIDEGATE_CONNECT_TIMEOUT": "timeouts.connect",
     "SIDEGATE_READ_TIMEOUT": "timeouts.read",
@@ -263,6 +265,8 @@ def validate(cfg: Config) -> None:
     _hostport(cfg.ops_listen, "ops_listen")
     if cfg.workers < 1:
         raise FieldError("workers", "must be >= 1")
+    if cfg.upstream_connections < 1:
+        raise FieldError("upstream_connections", "must be >= 1")
     if cfg.max_request_bytes < 1:
         raise FieldError("max_request_bytes", "must be >= 1")
     for name, route in cfg.routes.items():

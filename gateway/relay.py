@@ -73,7 +73,7 @@ class Relay:
         self.max_body = cfg.max_request_bytes
         self.token = cfg.proxy_token.encode() if cfg.proxy_token else None
         t = cfg.timeouts
-        self.pool = Pool(max_per_host=256, connect_timeout=t.connect, read_timeout=t.read)
+        self.pool = Pool(max_per_host=cfg.upstream_connections, connect_timeout=t.connect, read_timeout=t.read)
         self.total_timeout = t.total
         self.signers: dict[str | None, Signer] = {}
         self.policies = PolicyStore(cfg.policy)
