@@ -31,6 +31,7 @@ import re
 
 import msgspec
 from sidegate_codecs import SSEDecoder, encode_event
+from sidegate_codecs.errors import CodecError
 
 from ..dialects import openai as _dialect
 from .base import EventGovernor, ToolCall, Verdict
@@ -39,48 +40,51 @@ __all__ = ["Governor", "extract", "rewrite"]
 
 _TOOL_CALLS = b'"tool_calls"'
 _TEXT = b'"content":"'
+_FRAGMENT = b'"tool_calls":['  # in every fragment frame (as compact JSON spells it): worth decoding
 # the usual spelling of a one-choice chunk with text: {"choices":[{"index":N,"delta":{"content":"x...
 _CHOICE_TEXT = re.compile(rb'"choices":\[\{"index":(\d+),"delta":\{(?:"role":"assistant",)?"content":"[^"]')
 
 
 # -- decoding: only the fields governance reads; everything else is skipped ------------
+# (gc=False: decoded JSON cannot form a reference cycle, and held frames keep these alive,
+# so the collector need not scan them)
 
-class _Fn(msgspec.Struct):
+class _Fn(msgspec.Struct, gc=False):
     name: object = None
     arguments: object = None
 
 
-class _TC(msgspec.Struct):
+class _TC(msgspec.Struct, gc=False):
     index: object = None
     id: object = None
     function: _Fn | None = None
 
 
-class _Delta(msgspec.Struct):
+class _Delta(msgspec.Struct, gc=False):
     role: object = None
     content: object = None
     tool_calls: list[_TC] | None = None
 
 
-class _Choice(msgspec.Struct):
+class _Choice(msgspec.Struct, gc=False):
     index: object = 0
     delta: _Delta | None = None
     finish_reason: object = None
 
 
-class _Chunk(msgspec.Struct):
+class _Chunk(msgspec.Struct, gc=False):
     choices: list[_Choice] | None = None
 
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
 
 
-class _ShapeChoice(msgspec.Struct):
+class _ShapeChoice(msgspec.Struct, gc=False):
     delta: dict | None = None
     finish_reason: object = None
 
 
-class _Shape(msgspec.Struct):
+class _Shape(msgspec.Struct, gc=False):
     """Enough of a chunk to see that it carries nothing but one tool-call fragment."""
 
     choices: list[_ShapeChoice] | None = None
@@ -88,6 +92,30 @@ class _Shape(msgspec.Struct):
 
 
 _shape_decoder = msgspec.json.Decoder(_Shape)
+
+
+# The common held frame, decoded once: one choice whose delta is exactly one tool_calls
+# list (no other key), no finish_reason, no usage. Anything else fails to decode (or is
+# refused below) and goes the general way, so a frame this accepts is both a continuation
+# candidate and, in `_only_the_fragment`'s terms, "only the fragment".
+
+class _FragDelta(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    tool_calls: list[_TC]
+
+
+class _FragChoice(msgspec.Struct, gc=False):
+    delta: _FragDelta
+    index: object = 0
+    finish_reason: object = None
+
+
+class _Frag(msgspec.Struct, gc=False):
+    choices: list[_FragChoice]
+    usage: object = None
+
+
+_frag_decoder = msgspec.json.Decoder(_Frag)
+_FRAG_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 
@@ -98,6 +126,38 @@ def _is_json(text: str) -> bool:
     except msgspec.DecodeError:
         return False
     return True
+
+
+class Frame:
+    """A whole event the fast paths cut out of a chunk themselves, with the fields the
+    governors read (`raw`, `data`, `event`) as `SSEEvent` parses them."""
+
+    __slots__ = ("data", "name_end", "raw")
+
+    def __init__(self, raw: bytes, data: bytes, name_end: int = 0) -> None:
+        self.raw = raw
+        self.data = data
+        self.name_end = name_end  # raw[7:name_end] is the `event: ` line's value (0: no such line)
+
+    @property
+    def event(self) -> str | None:
+        end = self.name_end
+        return self.raw[7:end].decode("utf-8", "replace") if end else None
+
+
+def one_event(chunk: bytes) -> Frame | None:
+    """`chunk` as a Frame when it is one LF-framed event of the usual spelling,
+    `data: D\n\n` or `event: E\ndata: D\n\n` (no CR, no other line), else None.
+    Its bytes still have to be counted by the decoder (`SSEDecoder.skip`)."""
+    if type(chunk) is not bytes or not chunk.endswith(b"\n\n") or b"\r" in chunk:
+        return None
+    n = len(chunk)
+    i = chunk.find(b"\n")
+    if chunk.startswith(b"data: "):
+        return Frame(chunk, chunk[6:-2]) if i == n - 2 else None
+    if chunk.startswith(b"event: ") and chunk.startswith(b"data: ", i + 1) and chunk.find(b"\n", i + 1) == n - 2:
+        return Frame(chunk, chunk[i + 7:-2], i)
+    return None
 
 
 def as_text(value) -> str:
@@ -112,7 +172,7 @@ def as_text(value) -> str:
 # -- per-stream state ------------------------------------------------------------------
 
 class _Call:
-    __slots__ = ("choice", "first", "id", "index", "name", "new_index", "parts", "tc", "verdict")
+    __slots__ = ("choice", "denied", "first", "id", "index", "name", "new_index", "parts", "tc", "verdict")
 
     def __init__(self, choice: _ChoiceState, index) -> None:
         self.choice = choice
@@ -124,6 +184,7 @@ class _Call:
         self.verdict: Verdict | None = None
         self.first = None           # the held entry of its first frame
         self.new_index = index      # index on the way out (set when its first frame goes out)
+        self.denied = False         # decided, and not allowed
 
     def feed(self, tc: _TC) -> None:
         fn = tc.function
@@ -158,20 +219,31 @@ class _ChoiceState:
 
 
 class _Entry:
-    """A held frame: the event, its decoded chunk, and which call each tool_calls entry is."""
+    """A held frame: the event, its decoded chunk, and which call each tool_calls entry is.
 
-    __slots__ = ("chunk", "ev", "firsts", "owners", "slots")
+    A fragment-only frame taken by the fast path (`only` True) also carries, in `more`, the
+    raw bytes of the fragment-only frames of the same call that came right after it: each
+    of them would be an entry of its own with the same slots and owners, rendered the same
+    way (see `_release`)."""
 
-    def __init__(self, ev, chunk, slots, owners) -> None:
+    __slots__ = ("chunk", "ev", "firsts", "more", "only", "owners", "slots")
+
+    def __init__(self, ev, chunk, slots, owners, only=None) -> None:
         self.ev = ev
         self.chunk = chunk
         self.slots = slots        # [(choice position, tool_calls position, _Call)]
         self.owners = owners      # calls that must be decided before the frame goes out
-        self.firsts: list[_ChoiceState] = []
+        self.firsts: list[_ChoiceState] = _NO_FIRSTS
+        self.only = only          # the frame is one tool-call fragment and nothing else (None: not known yet)
+        self.more: list[bytes] | None = None
+
+
+_NO_FIRSTS: list = []  # shared, never appended to: `_hold_or_pass` gives an entry its own list
 
 
 class Governor(EventGovernor):
-    __slots__ = ("_choices", "_denials", "_first_held", "_held", "_idle", "_meta", "_n_open", "_pend", "_texted")
+    __slots__ = ("_choices", "_denials", "_first_held", "_held", "_idle", "_marker_head", "_meta", "_n_open", "_pend",
+                 "_texted")
 
     def __init__(self, path: str = "/chat/completions", content_type: str = "text/event-stream",
                  enforce: bool = True) -> None:
@@ -185,21 +257,82 @@ class Governor(EventGovernor):
         self._texted: set = set()  # choices with text: int index, or its digits from the fast path
         self._idle = True  # no call open and nothing held: frames without "tool_calls" pass untouched
         self._meta: dict | None = None
+        self._marker_head: bytes | None = None
 
     # -- events ---------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
-        # Fast path: one whole single-line LF-framed event (`data: ...\n\n`) without
-        # "tool_calls" while idle, handled as `on_event` would (its text choice noted);
-        # the decoder only counts its bytes.
-        if self._idle and chunk.find(b"\n") == len(chunk) - 2 and chunk.endswith(b"\n\n") \
-                and _TOOL_CALLS not in chunk and b"\r" not in chunk and not self._queue and not self.pending \
-                and not self._closed and not self._dead:
-            m = _CHOICE_TEXT.search(chunk)
-            if (m is not None or _TEXT not in chunk) and self.decoder.skip(chunk):
-                if m is not None:
-                    self._texted.add(m.group(1))
-                return chunk
+        # Fast paths for a chunk that is one whole single-line LF-framed event
+        # (`data: ...\n\n`), the way the network usually delivers them; each does what
+        # `EventGovernor.feed` -> `on_event` would do with it, and the decoder only counts
+        # its bytes. Idle and without "tool_calls": it passes (its text choice noted).
+        n = len(chunk)
+        if chunk.find(b"\n") == n - 2 and chunk.endswith(b"\n\n") and b"\r" not in chunk \
+                and not self._queue and not self.pending and not self._closed and not self._dead:
+            if self._idle and _TOOL_CALLS not in chunk:
+                m = _CHOICE_TEXT.search(chunk)
+                if (m is not None or _TEXT not in chunk) and self.decoder.skip(chunk):
+                    if m is not None:
+                        self._texted.add(m.group(1))
+                    return chunk
+            elif n > 2 and type(chunk) is bytes and chunk.startswith(b"data: "):
+                # The same kind of event, which may be part of a tool call. Fast path: one
+                # more fragment of a held call, and nothing else in the frame.
+                if self._n_open and self.enforce and _FRAGMENT in chunk and self._fragment(chunk):
+                    return b""
+                # Otherwise the event goes to `_slow` (what `on_event` does with it here)
+                # without the decoder's and `EventGovernor.feed`'s loops.
+                if self.decoder.skip(chunk):
+                    return self._slow(Frame(chunk, chunk[6:-2]))
+                if not self.decoder.buffered:  # the stream's first event: the decoder must see it
+                    try:
+                        events = self.decoder.feed(chunk)
+                    except CodecError as e:
+                        return self._fail(e)
+                    if len(events) == 1 and not self.decoder.buffered:
+                        ev = events[0]
+                        piece = self.on_event(ev)
+                        return chunk if piece is ev.raw else piece
+                    self._queue.extend(events)  # (not for this kind of chunk; as a queue would)
+                    return self._drain()
         return EventGovernor.feed(self, chunk)
+
+    def _fragment(self, chunk: bytes) -> bool:
+        """Take `chunk` as one more fragment of a held call, if that is all it is (what
+        `_slow` does with such a frame, one decode)."""
+        data = chunk[6:-2]
+        try:
+            frag = _frag_decoder.decode(data)
+        except _FRAG_ERRORS:
+            return False
+        chs = frag.choices
+        if len(chs) != 1 or frag.usage is not None:
+            return False
+        ch = chs[0]
+        tcs = ch.delta.tool_calls
+        if ch.finish_reason is not None or len(tcs) != 1:
+            return False
+        tc = tcs[0]
+        if tc.index is None:
+            return False
+        st = self._choices.get(ch.index)
+        call = st.by_index.get(tc.index) if st is not None else None
+        if call is None or call.tc is not None or call.first is None or not self.decoder.skip(chunk):
+            return False
+        fn = tc.function
+        if tc.id is None and fn is not None and fn.name is None and type(fn.arguments) is str:
+            call.parts.append(fn.arguments)  # what `call.feed` does with a bare arguments fragment
+        else:
+            call.feed(tc)
+        last = self._held[-1]
+        if last.more is not None and last.owners[0] is call:
+            last.more.append(chunk)  # the run of fragment frames of this call goes on
+        else:
+            # No decoded chunk is kept: `_render` only reads it for a finish_reason and a
+            # choice count, and this frame has no finish_reason and one choice.
+            entry = _Entry(Frame(chunk, data), None, [(0, 0, call)], [call], True)
+            entry.more = []
+            self._held.append(entry)
+        return True
 
     def on_event(self, ev) -> bytes:
         raw = ev.raw
@@ -235,7 +368,7 @@ class Governor(EventGovernor):
             except (msgspec.DecodeError, msgspec.ValidationError):
                 chunk = None
         if chunk is None and not done:
-            return self._hold_or_pass(ev, None, [], [], [])
+            return self._hold_or_pass(ev, None, (), (), ())
         if chunk is not None and self.enforce:
             call = self._continuation(chunk)
             if call is not None:  # the common frame: one more fragment of a held call
@@ -269,9 +402,12 @@ class Governor(EventGovernor):
             if ch.finish_reason and st.open:
                 completed.extend(st.open)
                 st.open = []
-        for call in completed:
-            self._complete(call)
-        owners = touched + [c for c in completed if c not in touched]
+        if completed:
+            for call in completed:
+                self._complete(call)
+            owners = touched + [c for c in completed if c not in touched]
+        else:
+            owners = touched
         return self._hold_or_pass(ev, chunk, slots, owners, roles)
 
     def _continuation(self, chunk: _Chunk):
@@ -300,13 +436,14 @@ class Governor(EventGovernor):
         if call is None:
             # a new call: the open ones of this choice are complete (unless their arguments
             # are not a whole JSON value yet: an upstream interleaving parallel calls)
-            keep = []
-            for other in st.open:
-                if other.arguments_whole():
-                    completed.append(other)
-                else:
-                    keep.append(other)
-            st.open = keep
+            if st.open:
+                keep = []
+                for other in st.open:
+                    if other.arguments_whole():
+                        completed.append(other)
+                    else:
+                        keep.append(other)
+                st.open = keep
             call = _Call(st, index)
             st.by_index[index] = call
             st.calls.append(call)
@@ -348,6 +485,8 @@ class Governor(EventGovernor):
             if not st.first_held:
                 st.first_held = True
                 self._first_held += 1
+                if entry.firsts is _NO_FIRSTS:
+                    entry.firsts = []
                 entry.firsts.append(st)
         for call in owners:
             if call.first is None:
@@ -355,7 +494,7 @@ class Governor(EventGovernor):
         held = self._held
         held.append(entry)
         self._idle = False
-        if len(held) == 1 and not self.pending and all(c.verdict is not None for c in owners):
+        if len(held) == 1 and not self.pending and _decided(owners):
             return self._release()  # e.g. a late fragment of a call already decided
         return b""
 
@@ -368,7 +507,7 @@ class Governor(EventGovernor):
         for call, verdict in zip(mine, verdicts):
             call.verdict = verdict
             if not verdict.allowed:
-                self._denials = True
+                call.denied = self._denials = True
         return self._release()
 
     def on_close(self) -> bytes:
@@ -383,10 +522,33 @@ class Governor(EventGovernor):
     def _release(self) -> bytes:
         out = []
         held = self._held
-        while held and all(c.verdict is not None for c in held[0].owners):
-            piece = self._render(held.pop(0))
+        n = 0
+        plain = not self._denials  # no denial yet: every frame goes out as it came
+        for entry in held:
+            owners = entry.owners
+            if len(owners) == 1:
+                if owners[0].verdict is None:
+                    break
+            elif owners and not _decided(owners):
+                break
+            n += 1
+            if entry.firsts is _NO_FIRSTS:
+                if plain:
+                    out.append(entry.ev.raw)
+                    if entry.more:
+                        out.extend(entry.more)
+                    continue
+                if entry.only:
+                    call = owners[0]
+                    if call.denied and call.first is not entry:
+                        continue  # later fragments of a denied call, and nothing else (as `_render`)
+            piece = self._render(entry)
             if piece:
                 out.append(piece)
+            if entry.more:
+                out.append(self._render_more(entry))
+        if n:
+            del held[:n]
         self._update_idle()
         return b"".join(out)
 
@@ -399,52 +561,78 @@ class Governor(EventGovernor):
                     return True
         return False
 
+    def _render_more(self, entry: _Entry) -> bytes:
+        """The frames in `entry.more`, as `_render` renders each (it has rendered `entry`)."""
+        call = entry.owners[0]
+        if not self._denials or call.new_index == call.index:
+            return b"".join(entry.more)  # what `_render` returns for each: its raw bytes
+        return b"".join(self._render(_Entry(Frame(raw, raw[6:-2]), None, entry.slots, entry.owners, True))
+                        for raw in entry.more)
+
     def _render(self, entry: _Entry) -> bytes:
-        for st in entry.firsts:
-            st.first_held = False
-            self._first_held -= 1
+        firsts = entry.firsts
+        if firsts is not _NO_FIRSTS:
+            for st in firsts:
+                st.first_held = False
+                self._first_held -= 1
         if not self._denials:
             return entry.ev.raw  # no denial yet: nothing is renumbered, removed or rewritten
         slots = entry.slots
-        if len(slots) == 1 and entry.owners[0] is slots[0][2] and slots[0][2].first is not entry \
-                and not slots[0][2].verdict.allowed and _only_the_fragment(entry.ev.data):
-            return b""  # a later fragment of a denied call, and nothing else
-        denied: list[_Call] = []
+        if len(slots) == 1:
+            call = slots[0][2]
+            if call.denied and call.first is not entry and entry.owners[0] is call:
+                only = entry.only
+                if only is None:
+                    only = entry.only = _only_the_fragment(entry.ev.data)
+                if only:
+                    return b""  # a later fragment of a denied call, and nothing else
+            elif call.first is entry and call.denied and entry.chunk is not None \
+                    and len(entry.chunk.choices) == 1:
+                return self._deny_opening(entry, call)
+            calls = (call,)
+        else:
+            calls = []
+            for _, _, call in slots:
+                if call not in calls:
+                    calls.append(call)
+        denied = None
         change = False
-        calls = []
-        for _, _, call in entry.slots:
-            if call not in calls:
-                calls.append(call)
         for call in calls:
-            if call.first is entry and call.verdict is not None:
+            if call.verdict is None:
+                continue
+            if call.first is entry:
                 st = call.choice
-                if not call.verdict.allowed:
+                if call.denied:
                     st.renumber = True
-                    denied.append(call)
+                    if denied is None:
+                        denied = [call]
+                    else:
+                        denied.append(call)
                 else:
                     call.new_index = st.next_index if st.renumber else call.index
                     st.next_index = (call.new_index + 1) if isinstance(call.new_index, int) else st.next_index
-            if call.verdict is not None and (not call.verdict.allowed or call.new_index != call.index):
+            if call.denied or call.new_index != call.index:
                 change = True
         chunk = entry.chunk
-        if chunk is not None and self._finish_to_rewrite(chunk):
-            change = True
-        if not change:
+        if not change and (chunk is None or not self._finish_to_rewrite(chunk)):
             return entry.ev.raw
-        obj = _decode(entry.ev.data)
+        ev = entry.ev
+        obj = _decode(ev.data)
         if self._meta is None:
             self._meta = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
         choices = obj.get("choices") or []
-        emptied: set[int] = set()
-        removed: dict[tuple[int, int], bool] = {}
-        for cp, tp, call in entry.slots:
+        emptied = None
+        removed = None
+        for cp, tp, call in slots:
             if call.verdict is None:
                 continue
-            if not call.verdict.allowed:
-                removed[(cp, tp)] = True
+            if call.denied:
+                if removed is None:
+                    removed = set()
+                removed.add((cp, tp))
             elif call.new_index != call.index:
                 choices[cp]["delta"]["tool_calls"][tp]["index"] = call.new_index
-        if removed:
+        if removed is not None:
             for cp, ch in enumerate(choices):
                 delta = ch.get("delta") or {}
                 tcs = delta.get("tool_calls")
@@ -456,26 +644,59 @@ class Governor(EventGovernor):
                         delta["tool_calls"] = kept
                     else:
                         del delta["tool_calls"]
+                        if emptied is None:
+                            emptied = set()
                         emptied.add(cp)
         finished = set()
-        for cp, ch in enumerate(choices):
-            if ch.get("finish_reason") is not None:
+        for ch in choices:
+            finish = ch.get("finish_reason")
+            if finish is not None:
                 finished.add(ch.get("index"))
-            if ch.get("finish_reason") == "tool_calls":
-                st = self._choices.get(ch.get("index"))
-                if st is not None and _none_left(st):
-                    ch["finish_reason"] = "stop"
-        if emptied:
+                if finish == "tool_calls":
+                    st = self._choices.get(ch.get("index"))
+                    if st is not None and _none_left(st):
+                        ch["finish_reason"] = "stop"
+        if emptied is not None:
             obj["choices"] = choices = [ch for cp, ch in enumerate(choices)
                                         if not (cp in emptied and not ch.get("delta")
                                                 and ch.get("finish_reason") is None)]
         drop = not choices and (chunk is not None and chunk.choices) and obj.get("usage") is None
-        frame = b"" if drop else sse_frame(entry.ev, _encode(obj))
+        frame = b"" if drop else sse_frame(ev, _encode(obj))
+        if denied is None:
+            return frame
         before, after = [], []
         for call in denied:
-            marker = self._marker(entry.ev, call)
+            marker = self._marker(ev, call)
             (before if call.choice.index in finished else after).append(marker)
         return b"".join(before) + frame + b"".join(after)
+
+    def _deny_opening(self, entry: _Entry, call: _Call) -> bytes:
+        """What the general part of `_render` does with the usual first frame of a denied
+        call: one choice, and in it one tool_calls entry, this call's."""
+        call.choice.renumber = True
+        ev = entry.ev
+        obj = _decode(ev.data)
+        if self._meta is None:
+            self._meta = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+        ch = obj["choices"][0]
+        delta = ch["delta"]
+        del delta["tool_calls"]  # its only entry
+        finish = ch.get("finish_reason")
+        before = False  # the marker goes before the frame when the frame ends the choice
+        if finish is not None:
+            index = ch.get("index")
+            before = call.choice.index == index
+            if finish == "tool_calls":
+                st = self._choices.get(index)
+                if st is not None and _none_left(st):
+                    ch["finish_reason"] = "stop"
+        if not delta and ch.get("finish_reason") is None:
+            obj["choices"] = []  # nothing left in the choice: it goes, and the frame if nothing else is in it
+            frame = b"" if obj.get("usage") is None else sse_frame(ev, _encode(obj))
+        else:
+            frame = sse_frame(ev, _encode(obj))
+        marker = self._marker(ev, call)
+        return marker + frame if before else frame + marker
 
     def _marker(self, ev, call: _Call) -> bytes:
         st = call.choice
@@ -483,10 +704,15 @@ class Governor(EventGovernor):
         if st.marked or st.index in self._texted or str(st.index).encode() in self._texted:
             text = "\n" + text
         st.marked = True
-        chunk = dict(self._meta or {})
-        chunk.setdefault("object", "chat.completion.chunk")
-        chunk["choices"] = [{"index": st.index, "delta": {"content": text}, "finish_reason": None}]
-        return sse_frame(ev, _encode(chunk))
+        head = self._marker_head
+        if head is None:
+            # the chunk's fields before "choices", encoded once: the stream's id/object/created/model
+            meta = dict(self._meta or {})
+            meta.setdefault("object", "chat.completion.chunk")
+            head = self._marker_head = _encode(meta)[:-1] + b',"choices":[{"index":'
+        # = _encode({**meta, "choices": [{"index": i, "delta": {"content": text}, "finish_reason": None}]})
+        return sse_frame(ev, head + _encode(st.index) + b',"delta":{"content":' + _encode(text)
+                         + b'},"finish_reason":null}]}')
 
 
 def _only_the_fragment(data: bytes) -> bool:
@@ -499,16 +725,34 @@ def _only_the_fragment(data: bytes) -> bool:
             and chs[0].delta is not None and list(chs[0].delta) == ["tool_calls"])
 
 
+def _decided(calls) -> bool:
+    for c in calls:
+        if c.verdict is None:
+            return False
+    return True
+
+
 def _none_left(st: _ChoiceState) -> bool:
     """Every call of the choice is decided and none was allowed."""
-    return bool(st.calls) and all(c.verdict is not None and not c.verdict.allowed for c in st.calls)
+    calls = st.calls
+    if not calls:
+        return False
+    for c in calls:
+        if not c.denied:
+            return False
+    return True
 
 
 def sse_frame(ev, data: bytes, event: str | None = None) -> bytes:
     """A rewritten or added event, with the line ends and `event:` name of the one it stands for."""
     raw = ev.raw
-    line_end = b"\r\n" if b"\r\n" in raw else (b"\r" if b"\r" in raw and b"\n" not in raw else b"\n")
-    return encode_event(data, event=event or ev.event, line_end=line_end)
+    event = event or ev.event
+    if b"\r" not in raw:
+        if event is None and b"\n" not in data and b"\r" not in data:
+            return b"data: " + data + b"\n\n"  # what encode_event writes for it
+        return encode_event(data, event=event)
+    line_end = b"\r\n" if b"\r\n" in raw else (b"\r" if b"\n" not in raw else b"\n")
+    return encode_event(data, event=event, line_end=line_end)
 
 
 # -- non-streaming ----------------------------------------------------------------------

@@ -33,7 +33,7 @@ from sidegate_codecs import SSEDecoder
 from ..dialects import openai as _dialect
 from .base import EventGovernor, ToolCall, Verdict
 from .openai_chat import as_text as _text
-from .openai_chat import body_to_rewrite, load_body
+from .openai_chat import body_to_rewrite, load_body, one_event
 from .openai_chat import sse_frame as _frame
 
 __all__ = ["Governor", "extract", "rewrite"]
@@ -56,7 +56,7 @@ _AGGREGATE = frozenset({"response.completed", "response.incomplete", "response.f
 _SEQ = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
 
-class _Item(msgspec.Struct):
+class _Item(msgspec.Struct, gc=False):
     type: object = None
     id: object = None
     call_id: object = None
@@ -68,7 +68,7 @@ class _Item(msgspec.Struct):
         return self.input if self.type == "custom_tool_call" else self.arguments
 
 
-class _Event(msgspec.Struct):
+class _Event(msgspec.Struct, gc=False):
     """The top-level fields governance reads (the rest, `response` included, is skipped)."""
 
     type: object = None
@@ -114,6 +114,7 @@ class _Call:
     __slots__ = (
         "arguments",
         "call_id",
+        "denied",
         "item_id",
         "message",
         "name",
@@ -135,6 +136,7 @@ class _Call:
         self.arguments: str | None = None  # the final arguments once known
         self.tc: ToolCall | None = None
         self.verdict: Verdict | None = None
+        self.denied = False  # decided, and not allowed
         self.message: dict | None = None  # the replacement item, once denied
         self.started = False  # its replacement went out (denied) / its first frame went out
 
@@ -154,12 +156,19 @@ class Governor(EventGovernor):
 
     # -- events -------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
-        # Fast path: the test `on_event` starts with, on a chunk of whole events at once;
-        # the decoder only counts their bytes.
-        if not self._open and not self._held and not self._shift and not self._denied \
-                and _MAYBE_CALL not in chunk and not self._queue and not self.pending \
-                and not self._closed and not self._dead and self.decoder.skip(chunk):
-            return chunk
+        if not self._queue and not self.pending and not self._closed and not self._dead:
+            if not self._open and not self._held and not self._shift and not self._denied \
+                    and _MAYBE_CALL not in chunk:
+                # Fast path: the test `on_event` starts with, on a chunk of whole events at
+                # once; the decoder only counts their bytes.
+                if self.decoder.skip(chunk):
+                    return chunk
+            else:
+                # One whole event of the usual spelling: straight to `on_event`, without the
+                # decoder's and `EventGovernor.feed`'s loops (what they would do with it).
+                ev = one_event(chunk)
+                if ev is not None and self.decoder.skip(chunk):
+                    return self.on_event(ev)
         return EventGovernor.feed(self, chunk)
 
     def on_event(self, ev) -> bytes:
@@ -210,8 +219,14 @@ class Governor(EventGovernor):
             return raw
         if call is None and not trigger and not self._held:
             return self._render(ev, head, None)
-        self._held.append((ev, head, call))
-        return self._release() if not self.pending else b""
+        held = self._held
+        held.append((ev, head, call))
+        if self.pending:
+            return b""
+        first = held[0][2]
+        if first is not None and first.verdict is None:
+            return b""  # still waiting for the verdict on the call at the head (as `_release`)
+        return self._release()
 
     def _find(self, head: _Event):
         call = self._calls.get(head.item_id) if head.item_id else None
@@ -239,6 +254,7 @@ class Governor(EventGovernor):
         for call, verdict in zip(mine, verdicts):
             call.verdict = verdict
             if not verdict.allowed:
+                call.denied = True
                 mid = _message_id(call.item_id, call.call_id, call.output_index)
                 call.message = message_item(mid, verdict.text(call.name))
                 self._denied[_item_key(call.item_id, call.call_id, call.output_index)] = call.message
@@ -254,19 +270,29 @@ class Governor(EventGovernor):
     def _release(self) -> bytes:
         out = []
         held = self._held
-        while held:
-            ev, head, call = held[0]
-            if call is not None and call.verdict is None:
-                break
-            held.pop(0)
+        n = 0
+        for ev, head, call in held:
+            if call is not None:
+                if call.verdict is None:
+                    break
+                if call.denied and call.started:
+                    n += 1
+                    self._shift -= 1  # the rest of a denied call's frames: gone (as `_render`)
+                    continue
+            n += 1
+            if not self._shift and not self._denied:
+                out.append(ev.raw)  # nothing to renumber or patch (as `_render`)
+                continue
             piece = self._render(ev, head, call)
             if piece:
                 out.append(piece)
+        if n:
+            del held[:n]
         return b"".join(out)
 
     # -- rewriting --------------------------------------------------------------------------
     def _render(self, ev, head: _Event | None, call: _Call | None) -> bytes:
-        if call is not None and call.verdict is not None and not call.verdict.allowed:
+        if call is not None and call.denied:
             if call.started:
                 self._shift -= 1  # the rest of a denied call's frames: gone
                 return b""
@@ -294,34 +320,54 @@ class Governor(EventGovernor):
         return _frame(ev, data)
 
     def _replacement(self, ev, head: _Event, call: _Call) -> bytes:
-        text = call.verdict.text(call.name)
+        """The six events of the replacement message, as `_encode` would write these dicts
+        (keys in this order, "sequence_number" second when the event had one):
+        output_item.added {output_index, item: message_item(in_progress)},
+        content_part.added {item_id, output_index, content_index: 0, part: empty output_text},
+        output_text.delta {item_id, output_index, content_index: 0, delta: text, logprobs: []},
+        output_text.done {item_id, output_index, content_index: 0, text, logprobs: []},
+        content_part.done {item_id, output_index, content_index: 0, part: output_text with text},
+        output_item.done {output_index, item: the message item}."""
         item = call.message
-        mid = item["id"]
-        idx = call.output_index
-        part_empty = {"type": "output_text", "text": "", "annotations": []}
-        part = {"type": "output_text", "text": text, "annotations": []}
-        events = [
-            {"type": "response.output_item.added", "output_index": idx,
-             "item": message_item(mid, text, status="in_progress")},
-            {"type": "response.content_part.added", "item_id": mid, "output_index": idx,
-             "content_index": 0, "part": part_empty},
-            {"type": "response.output_text.delta", "item_id": mid, "output_index": idx,
-             "content_index": 0, "delta": text, "logprobs": []},
-            {"type": "response.output_text.done", "item_id": mid, "output_index": idx,
-             "content_index": 0, "text": text, "logprobs": []},
-            {"type": "response.content_part.done", "item_id": mid, "output_index": idx,
-             "content_index": 0, "part": part},
-            {"type": "response.output_item.done", "output_index": idx, "item": item},
-        ]
+        text = _encode(call.verdict.text(call.name))
+        mid = _encode(item["id"])
+        idx = _encode(call.output_index)
+        at = b',"output_index":' + idx
+        ids = b',"item_id":' + mid + at + b',"content_index":0'
+        bodies = (
+            at + b',"item":{"id":' + mid + b',"type":"message","status":"in_progress","role":"assistant","content":[]}}',
+            ids + b',"part":{"type":"output_text","text":"","annotations":[]}}',
+            ids + b',"delta":' + text + b',"logprobs":[]}',
+            ids + b',"text":' + text + b',"logprobs":[]}',
+            ids + b',"part":{"type":"output_text","text":' + text + b',"annotations":[]}}',
+            at + b',"item":' + _encode(item) + b'}',
+        )
         seq = head.sequence_number if head is not None else None
-        out = []
-        for n, body in enumerate(events):
-            if isinstance(seq, int):
-                body = {"type": body["type"], "sequence_number": seq + self._shift + n,
-                        **{k: v for k, v in body.items() if k != "type"}}
-            out.append(_frame(ev, _encode(body), event=body["type"] if ev.event is not None else None))
-        self._shift += len(events) - 1
+        numbered = isinstance(seq, int)
+        raw = ev.raw
+        if b"\r" not in raw:
+            end = b"\n"
+        else:
+            end = b"\r\n" if b"\r\n" in raw else (b"\r" if b"\n" not in raw else b"\n")
+        named = ev.event is not None
+        leads = _REPLACEMENT_LEADS.get((named, end))
+        if leads is None:  # each event's `event:` line (when the stream names events) and its JSON up to the type
+            leads = _REPLACEMENT_LEADS[(named, end)] = tuple(
+                (b"event: " + kind + end if named else b"") + b'data: {"type":"' + kind for kind in _REPLACEMENT_TYPES)
+        end += end  # the data line's end and the blank line
+        if numbered:
+            first = seq + self._shift
+            out = [lead + b'","sequence_number":' + _encode(first + n) + body + end
+                   for n, (lead, body) in enumerate(zip(leads, bodies))]
+        else:
+            out = [lead + b'"' + body + end for lead, body in zip(leads, bodies)]
+        self._shift += len(bodies) - 1
         return b"".join(out)
+
+
+_REPLACEMENT_TYPES = (b"response.output_item.added", b"response.content_part.added", b"response.output_text.delta",
+                      b"response.output_text.done", b"response.content_part.done", b"response.output_item.done")
+_REPLACEMENT_LEADS: dict = {}
 
 
 def _patch_output(response: dict, denied: dict) -> bool:
