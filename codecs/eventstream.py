@@ -32,7 +32,6 @@ from .errors import (
     ChecksumMismatch,
     CodecError,
     DuplicateHeader,
-    EventTooLarge,
     InvalidHeadersLength,
     InvalidHeaderValue,
     InvalidPayloadLength,

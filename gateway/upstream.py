@@ -18,8 +18,8 @@ Semantics
   HEAD requests and 204/304 have no body.
 * Timeouts: `connect_timeout` per new connection; `read_timeout` is an idle timeout for
   every wait for response bytes (headers and body); `total_timeout` is a deadline over
-  acquire + connect + headers + body. Both raise `asyncio.TimeoutError` (= TimeoutError;
-  connect timeouts raise the subclass `ConnectTimeout`). A timed-out response is dead:
+  acquire + connect + headers + body. Both raise `UpstreamTimeout` (a TimeoutError;
+  connect timeouts raise its subclass `ConnectTimeout`). A timed-out response is dead:
   its connection is closed.
 * Errors: `UpstreamClosed` (ConnectionError) when the connection dies before the
   response is complete; `UpstreamProtocolError` (ConnectionError) on unparseable bytes;

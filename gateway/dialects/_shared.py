@@ -23,27 +23,22 @@ def last_event_end(buf: bytes) -> int:
 
 
 class SSEFramer:
-    __slots__ = ("_partial", "sent", "_error")
+    __slots__ = ("_partial", "_error")
     pending = calls = ()  # plain framers see no tool calls
 
     def __init__(self, error_event) -> None:
         self._partial = b""
-        self.sent = False
         self._error = error_event
 
     def feed(self, chunk: bytes) -> bytes:
         if not self._partial and chunk.endswith((b"\n\n", b"\r\n\r\n")):
-            self.sent = True
             return chunk
         buf = self._partial + chunk if self._partial else chunk
         end = last_event_end(buf)
         if end == len(buf):
             self._partial = b""
-            self.sent = True
             return buf
         self._partial = buf[end:]
-        if end:
-            self.sent = True
         return buf[:end]
 
     def close(self) -> bytes:
