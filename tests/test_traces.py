@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -18,6 +19,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from gateway.traces import CallRecord, Recorder, find_usage, request_view, response_view, usage_of
@@ -906,9 +909,60 @@ def test_end_to_end_records_calls_and_never_stores_the_key(tmp_path):
         rows = [json.loads(x) for x in export.splitlines() if json.loads(x)["session"] == "e2e-run"]
         assert {r["actor"] for r in rows} >= {"bot-1", "bot-2"}
         assert all(r["usage"] for r in rows)
+        # every field the relay hands over (by position: relay._record) lands in its column
+        assert sorted(r["provider"] for r in rows) == ["anthropic", "gemini", "gemini", "openai"]
+        assert sorted(r["dialect"] for r in rows) == ["anthropic", "gemini", "gemini", "openai"]
+        assert all(r["status"] == 200 and r["error"] is None for r in rows)
+        assert all(0 < r["ttfb_ms"] <= r["duration_ms"] < 10_000 for r in rows)
+        assert all(re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]", r["traceparent"]) for r in rows)
+        assert all(r["path"].startswith("/") and "?" not in r["path"] for r in rows)
+        by = {r["provider"]: r for r in rows}
+        assert by["openai"]["tenant"] == "acme" and by["openai"]["actor"] == "bot-1"
+        assert by["openai"]["response_content_type"].startswith("text/event-stream")
+        assert "gemini-2.5-flash" in {r["model"] for r in rows if r["provider"] == "gemini"}  # from the path
+        assert all(r["request_body"] for r in rows) and all(r["response_body"] for r in rows)
     finally:
         up.stop()
         rx.close()
+
+
+def test_relay_hands_over_every_field_in_its_place():
+    """relay._record builds the CallRecord by position: one call whose provider differs
+    from its dialect (NIM speaks OpenAI), with every header the record keeps, lands with
+    each value in its own column."""
+    import openai
+
+    from tests.support.fake_upstream import FakeUpstream, Reply
+    from tests.support.gateway_proc import Gateway
+
+    up = FakeUpstream().start()
+    try:
+        with Gateway(up.url) as gw:
+            up.enqueue(Reply.fixture("openai-chat/oai-text.sse"))
+            tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            client = openai.OpenAI(base_url=f"{gw.url}/v1/nvidia-nim", api_key="nvapi-test", max_retries=0, timeout=20,
+                                   default_headers={"X-Sidegate-Session": "fields-run", "X-Sidegate-Actor": "bot-f",
+                                                    "X-Sidegate-Tenant": "t-f", "traceparent": tp})
+            for _ in client.chat.completions.create(model="meta/llama-3.1-8b-instruct", stream=True,
+                                                    messages=[{"role": "user", "content": "hi"}]):
+                pass
+            traces_path = gw.env["SIDEGATE_TRACES"]
+            rows: list = []
+            deadline = time.time() + 10
+            while not rows and time.time() < deadline:
+                time.sleep(0.1)
+                try:
+                    rows = list(store.calls(store.open_reader(traces_path), "fields-run"))
+                except sqlite3.Error:
+                    rows = []
+        assert len(rows) == 1
+        r = rows[0]
+        assert (r["provider"], r["dialect"], r["model"]) == ("nvidia-nim", "openai", "meta/llama-3.1-8b-instruct")
+        assert (r["tenant"], r["actor"], r["status"], r["error"], r["traceparent"]) == ("t-f", "bot-f", 200, None, tp)
+        assert r["path"].endswith("/chat/completions") and r["response_type"].startswith("text/event-stream")
+        assert 0 < r["ttfb_ms"] <= r["duration_ms"] < 10_000 and r["request_size"] > 0 and r["response_size"] > 0
+    finally:
+        up.stop()
 
 
 def test_governance_tool_calls_are_read_in_the_writer(tmp_store):
@@ -931,6 +985,19 @@ def test_governance_tool_calls_are_read_in_the_writer(tmp_store):
         {"name": "rm", "arguments": '{"path":"/"}', "call_id": "call_2", "decision": "escalate",
          "reason": "dangerous", "rule": "r-rm", "escalation_id": "esc_7"}]
     assert (row["n_tool_calls"], row["n_blocked"]) == (2, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(model=st.text(max_size=300), compact=st.booleans(), ascii_only=st.booleans(), first=st.booleans())
+def test_model_in_body_reads_any_json_string_the_way_json_does(model, compact, ascii_only, first):
+    """The slice fast path (plain strings) and the decoding path (escapes, long names)
+    agree with json: the model as JSON encoders write it, cut at 256 characters."""
+    from gateway.traces.extract import model_in_body
+
+    doc = {"model": model, "messages": [{"role": "user", "content": "hi"}]} if first else \
+        {"messages": [{"role": "user", "content": 'a "model": "fake"'}], "model": model}
+    body = json.dumps(doc, ensure_ascii=ascii_only, separators=(",", ":") if compact else None).encode()
+    assert model_in_body(body) == model[:256]
 
 
 def test_model_is_read_from_the_body_when_the_relay_leaves_it_empty(tmp_store):

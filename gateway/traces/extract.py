@@ -279,6 +279,19 @@ def _bedrock_invoke_body(data: bytes) -> Usage | None:
     return None
 
 
+def _model_at(body: bytes, i: int):
+    """The value after the `"model"` key at body[i]: a plain string in the two spellings
+    JSON encoders write (`: "` and `:"`, no escape, at most 256 bytes) is sliced out;
+    anything else goes to `_value_at`."""
+    j = i + 7
+    k = j + 3 if body.startswith(b': "', j) else j + 2 if body.startswith(b':"', j) else 0
+    if k:
+        e = body.find(b'"', k, k + 257)
+        if e >= 0 and body.find(b"\\", k, e) < 0:
+            return body[k:e].decode("utf-8", "replace")
+    return _value_at(body, i, 7)
+
+
 def model_in_body(body: bytes) -> str:
     """The top-level `model` of a request body, found without decoding the body: near the
     start (hand-written JSON, most SDKs' key order) or else the last `"model": "..."`
@@ -288,7 +301,7 @@ def model_in_body(body: bytes) -> str:
         return ""
     head = body.find(b'"model"', 0, 256)
     if head >= 0:
-        v = _value_at(body, head, 7)
+        v = _model_at(body, head)
         if isinstance(v, str):
             return v[:256]
     end = len(body)
@@ -299,7 +312,7 @@ def model_in_body(body: bytes) -> str:
         end = i
         if i and body[i - 1] == 0x5C:
             continue
-        v = _value_at(body, i, 7)
+        v = _model_at(body, i)
         if isinstance(v, str):
             return v[:256]
     return ""

@@ -39,7 +39,8 @@ _encode = msgspec.msgpack.Encoder().encode
 
 class CallRecord(msgspec.Struct, gc=False):
     """Built by the relay at the end of every proxied request. Fields are references to
-    what the relay already has; nothing is parsed or copied for it."""
+    what the relay already has; nothing is parsed or copied for it. The relay passes the
+    fields by position (relay._record): a new field goes last, with a default."""
 
     started: float  # time.time() at request start
     ttfb_ms: float | None  # to the first response byte sent to the client
