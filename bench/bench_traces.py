@@ -444,7 +444,7 @@ NOTES = """## Reading these numbers
   early when a quarter of that is queued, and runs at normal priority (at nice +10 a
   saturated core starved it).
 * Target: at most 10 % more CPU per request. Met for the 2.4 KB non-stream call (+1.3 to
-  +9.9 % over runs) and the 100 KB request (+2 %). **Not met for the 64-event
+  +9.9 % over runs) and the 100 KB request (-6 to +7 % over runs: within the noise). **Not met for the 64-event
   stream** (+12.8 to +22 % over runs): the gateway spends only ~125-130 us on such a stream,
   so the 10 % allows ~13 us for its whole record, and the record costs ~20 us.
 
@@ -463,6 +463,8 @@ threads 37 → 40 us.
 | full writer, batches every 10 ms instead of 100 | +20 % | 17.7 us | 90 → 95 us | smaller batches cost more per record; the loop gains nothing |
 | full writer offering the GIL every 64 records instead of 8 | +16 % | 10.7 us | 86 → 93 us | fewer hand-overs, warmer caches for the writer; p99 5.1 ms against 4.6 (and a request at 1 connection could wait ~1 ms behind it) |
 | `sys.setswitchinterval(200 us)`, no yields | +22 % | 10.4 us | 86 → 102 us | forced switches cost the loop more than they save |
+| the writer takes records every 10 ms and compresses them at once into a batch row stored every 100 ms (records released at once) | +21 % | 15.2 us | 88 → 97 us | taking records while they are warm does not pay: the wake-ups cost more (same code, takes every 100 ms: +15 %, 12.7 us) |
+| the usage, model and response join done in `submit`, on the loop, while the bytes are warm | +14 % | 10.1 us | 91 → 97 us | the writer's cost moves to the loop, about one for one |
 
 Inside the writer, timed per phase in place (wall clock, per stream record): usage object
 2.7-4.7 us, the model and the per-record bookkeeping 2.3-4.0 us, the head 0.8-1.6 us, the
