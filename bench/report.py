@@ -561,8 +561,9 @@ def render(run, chart_rel, notes=None):
         "",
         f"{cfg.get('slices')} slices of {cfg.get('slice_s')} s per target, targets interleaved (order reversed every slice); "
         "p50/p99 over all recorded requests of a target. 'quiet half' = the same over the half of each target's slices "
-        "in which other tenants of the box used the least CPU (this box is shared: their load on core 0 doubles the "
-        "gateway's p50 in a slice).",
+        "in which other tenants of the box used the least CPU, together with any other slice no more disturbed than "
+        "that half's worst (+1 point): all slices when the box was quiet (this box is shared: their load on core 0 "
+        "doubles the gateway's p50 in a slice).",
         "",
         latency_table(run),
         "",

@@ -1,0 +1,47 @@
+"""The benchmark harness in --quick mode, as a smoke test: every target starts and answers
+every point without an error. Nothing here judges a timing (budgets are bench/RESULTS.md's
+business); a target that does not start, or a point with errors, fails the test.
+
+LiteLLM is a target too: the harness installs it (pinned) into its own venv under
+~/.cache/sidegate-bench the first time, from the package index."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.harness import ALL_TARGETS, quiet_slices
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_every_target_starts_and_answers(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--no-profile", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    log = p.stdout[-4000:] + p.stderr[-4000:]
+    assert p.returncode == 0, log
+    run = json.loads((out / "run.json").read_text())
+    expected = [t for t in ALL_TARGETS if t != "sidegate-notrace"]  # (--quick leaves the traces-off twin out)
+    assert sorted(run["results"]) == sorted(expected), f"targets that did not start:\n{log}"
+    for target, points in run["results"].items():
+        assert set(points) >= {"c1", "c16", "s16"}, (target, sorted(points))
+        for point, reps in points.items():
+            for r in reps:
+                assert not r.get("error") and r.get("errors", 0) == 0, (target, point, r.get("error"), r.get("errors"))
+                assert r.get("requests", 0) > 0, (target, point)
+    report = (out / "report.md").read_text()
+    assert "## Budgets" in report and "sidegate enforce" in report
+
+
+def test_quiet_slices_keep_every_slice_of_a_quiet_box():
+    slices = [{"foreign_cpu_pct": 0.0, "i": i} for i in range(5)]
+    assert quiet_slices(slices) == slices  # equals: no half picked by order
+
+
+def test_quiet_slices_leave_out_the_disturbed_ones():
+    slices = [{"foreign_cpu_pct": f} for f in (30.0, 0.2, 0.0, 12.0, 0.9)]
+    assert [s["foreign_cpu_pct"] for s in quiet_slices(slices)] == [0.0, 0.2, 0.9]
+    one = [{"foreign_cpu_pct": 5.0}]
+    assert quiet_slices(one) == one
