@@ -832,6 +832,21 @@ RELAY_WIRED = "recorder.submit" in (ROOT / "gateway" / "relay.py").read_text() o
 FAKE_KEY = "sk-LEAKCANARY-7f3a9c1e5b2d4f60a8b7c6d5e4f3a2b1"
 
 
+def stored_calls(traces_path: str, session: str, n: int, timeout: float = 10.0) -> list:
+    """The calls of `session` in a live gateway's store, once there are `n` of them (or
+    whatever is there at the timeout): the writer stores a batch every 100 ms."""
+    deadline = time.time() + timeout
+    rows: list = []
+    while True:
+        try:
+            rows = list(store.calls(store.open_reader(traces_path), session))
+        except sqlite3.Error:  # (the writer may not have made the file yet)
+            rows = []
+        if len(rows) >= n or time.time() >= deadline:
+            return rows
+        time.sleep(0.1)
+
+
 @pytest.mark.skipif(not RELAY_WIRED, reason="the relay does not submit CallRecords yet (gateway/relay.py)")
 def test_end_to_end_records_calls_and_never_stores_the_key(tmp_path):
     import urllib.request
@@ -871,17 +886,7 @@ def test_end_to_end_records_calls_and_never_stores_the_key(tmp_path):
             # the upstream did get the key (so it was really sent)
             assert any(FAKE_KEY in (r.header("authorization") or "") + (r.header("x-api-key") or "")
                        + r.query + (r.header("x-goog-api-key") or "") for r in up.requests)
-            deadline = time.time() + 10
-            n = 0
-            while time.time() < deadline:
-                try:
-                    n = len(list(store.calls(store.open_reader(traces_path), "e2e-run")))
-                except sqlite3.Error:
-                    n = 0
-                if n >= 4:
-                    break
-                time.sleep(0.1)
-            assert n == 4
+            assert len(stored_calls(traces_path, "e2e-run", 4)) == 4
             metrics_text = gw.metrics()
             assert 'sidegate_tokens_total{' in metrics_text
             assert 'model="gpt-4o"' in metrics_text  # the model read from the request body
@@ -946,15 +951,7 @@ def test_relay_hands_over_every_field_in_its_place():
             for _ in client.chat.completions.create(model="meta/llama-3.1-8b-instruct", stream=True,
                                                     messages=[{"role": "user", "content": "hi"}]):
                 pass
-            traces_path = gw.env["SIDEGATE_TRACES"]
-            rows: list = []
-            deadline = time.time() + 10
-            while not rows and time.time() < deadline:
-                time.sleep(0.1)
-                try:
-                    rows = list(store.calls(store.open_reader(traces_path), "fields-run"))
-                except sqlite3.Error:
-                    rows = []
+            rows = stored_calls(gw.env["SIDEGATE_TRACES"], "fields-run", 1)
         assert len(rows) == 1
         r = rows[0]
         assert (r["provider"], r["dialect"], r["model"]) == ("nvidia-nim", "openai", "meta/llama-3.1-8b-instruct")
