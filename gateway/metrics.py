@@ -21,9 +21,8 @@ from prometheus_client import Counter, Gauge, Histogram
 REQUESTS = Counter("sidegate_requests", "Proxied requests", ["provider", "tenant", "status"])
 UPSTREAM_ERRORS = Counter("sidegate_upstream_errors", "Upstream failures and error statuses",
                           ["provider", "tenant", "status"])
-_LATENCY_BUCKETS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 UPSTREAM_LATENCY = Histogram("sidegate_upstream_latency_ms", "Time to the upstream response head, ms",
-                             ["provider"], buckets=_LATENCY_BUCKETS)
+                             ["provider"], buckets=(5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000))
 ACTIVE_STREAMS = Gauge("sidegate_active_streams", "Streams being relayed", ["provider"],
                        multiprocess_mode="livesum")
 
@@ -48,7 +47,7 @@ def _child(metric, key: tuple):
 # -- batched on the event loop ------------------------------------------------------------
 
 FLUSH_S = 0.1
-_BOUNDS = (*(float(b) for b in _LATENCY_BUCKETS), float("inf"))  # as Histogram keeps them
+_BOUNDS = tuple(UPSTREAM_LATENCY._upper_bounds)  # the histogram's own (float, with +Inf last)
 _requests: dict[tuple, int] = {}        # (provider, tenant, status) -> requests since the last flush
 _latency: dict[str, list] = {}          # provider -> [sum, count per bucket...]
 _streams: dict[str, int] = {}           # provider -> streams started minus ended
@@ -65,7 +64,7 @@ def request_done(provider: str, tenant: str, status: int) -> None:
 def upstream_latency(provider: str, ms: float) -> None:
     acc = _latency.get(provider)
     if acc is None:
-        acc = _latency[provider] = [0.0] + [0] * len(_BOUNDS)
+        acc = _latency[provider] = _counts(_BOUNDS)
     acc[0] += ms
     acc[1 + bisect_left(_BOUNDS, ms)] += 1  # the first bucket whose bound is >= ms, as observe() picks it
     if not _scheduled:
@@ -127,6 +126,11 @@ def observe_counts(hist, acc: list) -> None:
             buckets[i].inc(n)
 
 
+def _counts(bounds: tuple) -> list:
+    """An empty accumulator for observe_counts: [sum, count per bucket...]."""
+    return [0.0] + [0] * len(bounds)
+
+
 def _drain(counts: dict) -> list:
     items = list(counts.items())
     counts.clear()
@@ -150,7 +154,7 @@ def flush() -> None:
         for key, n in _drain(_decisions):
             _child(TOOL_CALLS, key).inc(n)
         acc = _decision_latency[:]
-        _decision_latency[:] = [0.0] + [0] * len(_DECISION_BOUNDS)
+        _decision_latency[:] = _counts(_DECISION_BOUNDS)
         observe_counts(DECISION_LATENCY, acc)
     if _streams:
         for provider, n in _drain(_streams):
@@ -158,14 +162,13 @@ def flush() -> None:
                 _child(ACTIVE_STREAMS, (provider,)).inc(n)
 
 
-_DECISION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
 TOOL_CALLS = Counter("sidegate_tool_calls", "Tool calls decided", ["provider", "tenant", "decision"])
 DECISION_LATENCY = Histogram("sidegate_decision_latency_ms", "Time to decide one tool call, ms",
-                             buckets=_DECISION_BUCKETS)
+                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000))
 ESCALATIONS = Counter("sidegate_escalations", "Escalations by event", ["event"])
-_DECISION_BOUNDS = (*(float(b) for b in _DECISION_BUCKETS), float("inf"))
+_DECISION_BOUNDS = tuple(DECISION_LATENCY._upper_bounds)
 _decisions: dict[tuple, int] = {}       # (provider, tenant label, outcome) -> calls since the last flush
-_decision_latency: list = [0.0] + [0] * len(_DECISION_BOUNDS)  # [sum, count per bucket...]
+_decision_latency: list = _counts(_DECISION_BOUNDS)
 
 
 def decision(provider: str, tenant: str, outcome: str, ms: float) -> None:
