@@ -374,8 +374,9 @@ def report(micro: dict | None, gw: dict | None) -> str:
             how = ("`sidegate serve`, the relay's own hand-over" if gw.get("wired") else
                    "granian + the gateway app, records handed over by the shim `bench.bench_traces:traced_app` "
                    "(the relay does not submit records yet)")
-            lines += ["## Whole gateway: tracing on vs off (CPU of the gateway process tree per request)", "",
-                      f"How: {how}; `SIDEGATE_TRACES=off` vs the embedded store; gateway on core 0, mock upstream "
+            lines += ["## Whole gateway: trace store on vs off (CPU of the gateway process tree per request)", "",
+                      f"How: {how}; `SIDEGATE_TRACES=off` (no store; the writer thread still reads each call's "
+                      "token usage for the metrics) vs the embedded store; gateway on core 0, mock upstream "
                       "and load generator (16 connections, closed loop) on core 1; "
                       f"{len(next(iter(pts.values()))['on'])} interleaved repetitions, medians.", ""]
             if "shim" in gw["modes"]:

@@ -57,7 +57,7 @@ LABELS = {
     "floor-asgi": "floor: granian ASGI + gateway.upstream.Pool",
     "sidegate-observe": "sidegate, observe mode",
     "sidegate-enforce": "sidegate, enforce mode (denies the tool call)",
-    "sidegate-notrace": "sidegate, enforce mode, SIDEGATE_TRACES=off (what tracing costs)",
+    "sidegate-notrace": "sidegate, enforce mode, SIDEGATE_TRACES=off (no trace store; token and latency metrics still counted)",
     "litellm": f"LiteLLM proxy {LITELLM_VERSION}",
 }
 # name -> (policy mode, traces on)

@@ -141,9 +141,6 @@ class Relay:
             return
         self._served += 1
         trace = Trace(Meta())
-        if not self.recorder.enabled:  # nothing is recorded (traces off, no audit, no OTLP)
-            await self._handle(scope, receive, send, route, path, end, trace)
-            return
         started, t0 = time.time(), time.perf_counter()
         try:
             await self._handle(scope, receive, send, route, path, end, trace)

@@ -962,6 +962,40 @@ def test_relay_hands_over_every_field_in_its_place():
         up.stop()
 
 
+def test_traces_off_still_counts_tokens_end_to_end():
+    """SIDEGATE_TRACES=off through the real server: no store file, and /metrics still has
+    the token counters, TTFB and duration of the call."""
+    import openai
+
+    from tests.support.fake_upstream import FakeUpstream, Reply
+    from tests.support.gateway_proc import Gateway
+
+    rel = "openai-chat/oai-text.sse"
+    want = usage_of("openai", "/chat/completions", "text/event-stream", load_fixture(rel))
+    assert want.output > 0
+    up = FakeUpstream().start()
+    try:
+        with Gateway(up.url, env={"SIDEGATE_TRACES": "off"}) as gw:
+            up.enqueue(Reply.fixture(rel))
+            client = openai.OpenAI(base_url=f"{gw.url}/v1/openai", api_key="sk-test", max_retries=0, timeout=20,
+                                   default_headers={"X-Sidegate-Tenant": "t-off"})
+            for _ in client.chat.completions.create(model="gpt-4o", stream=True,
+                                                    messages=[{"role": "user", "content": "hi"}]):
+                pass
+            line = 'sidegate_tokens_total{kind="output",model="gpt-4o",provider="openai",tenant="t-off"}'
+            deadline = time.time() + 10
+            text = gw.metrics()
+            while line not in text and time.time() < deadline:
+                time.sleep(0.1)
+                text = gw.metrics()
+            assert f"{line} {float(want.output)}" in text
+            assert 'sidegate_request_duration_ms_count{provider="openai"} 1.0' in text
+            assert 'sidegate_ttfb_ms_count{provider="openai"} 1.0' in text
+            assert not any(p.name.startswith("traces") for p in Path(gw.tmp.name).iterdir())
+    finally:
+        up.stop()
+
+
 def test_governance_tool_calls_are_read_in_the_writer(tmp_store):
     from gateway.governance.base import ToolCall, Verdict
 
@@ -1016,12 +1050,19 @@ def test_model_is_read_from_the_body_when_the_relay_leaves_it_empty(tmp_store):
                                             "kind": "input"}) - before == 14
 
 
-def test_off_records_nothing(tmp_path):
+def test_off_stores_nothing_but_still_counts_tokens(tmp_path, monkeypatch):
+    """`off` is the store's switch: token usage is a metric (SPEC 4), counted all the same."""
+    monkeypatch.chdir(tmp_path)  # a store opened by mistake would land here (as ./off)
+    tenant = "t-off"
+    labels = {"provider": "openai", "tenant": tenant, "model": "model-x", "kind": "output"}
+    before = sample("sidegate_tokens_total", labels)
     r = Recorder("off")
-    assert not r.enabled and not r._thread.is_alive()
-    r.submit(record_for("openai-chat/oai-text.sse"))
-    assert r.flush() and r.submitted == 0
+    assert not r.store_enabled and r._thread.is_alive()
+    rec = record_for("openai-chat/oai-text.sse", tenant=tenant)
+    want = usage_of(rec.dialect, rec.path, rec.response_content_type, rec.response_chunks)
+    assert want.output > 0
+    r.submit(rec)
+    assert r.flush() and r.submitted == 1 and r.written == 0
     r.close()
-    r = Recorder("off", audit=str(tmp_path / "a.jsonl"))  # the audit log alone still works
-    assert r.enabled
-    r.close()
+    assert sample("sidegate_tokens_total", labels) - before == want.output
+    assert list(tmp_path.iterdir()) == []

@@ -66,10 +66,6 @@ class CallRecord(msgspec.Struct, gc=False):
     queued_bytes: int = 0  # set by Recorder.submit: what the record holds while queued
 
 
-def _discard(rec) -> None:
-    """submit() of a recorder with nothing to record."""
-
-
 def _name_thread(name: bytes) -> None:
     """Name the OS thread (top -H, /proc/<pid>/task/<tid>/comm) so its CPU can be told apart."""
     try:
@@ -176,9 +172,9 @@ class Recorder:
         self.delta_min = delta_min  # smaller requests are stored whole
         self._last: collections.OrderedDict = collections.OrderedDict()
         self.retention_every = retention_every
+        # `off` turns the store off, not the writer: token usage, TTFB and duration are
+        # metrics (SPEC 4), read from the same records whether or not they are stored.
         self.store_enabled = store_enabled and bool(traces_path) and traces_path != "off"
-        # `off` with no audit log and no OTLP export: nothing is recorded at all
-        self.enabled = self.store_enabled or bool(self.audit) or bool(otlp_endpoint)
         # counters (read by tests and the benchmark)
         self.submitted = 0
         self.dropped_full = 0
@@ -197,10 +193,7 @@ class Recorder:
         self._otel = None
         self._audit_fd: int | None = None
         self._thread = threading.Thread(target=self._run, name="sidegate-traces", daemon=True)
-        if self.enabled:
-            self._thread.start()
-        else:
-            self.submit = _discard  # type: ignore[method-assign]
+        self._thread.start()
 
     # -- relay side (event loop) ---------------------------------------------------------------
 
@@ -232,8 +225,6 @@ class Recorder:
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record submitted so far is processed (tests, benchmarks)."""
-        if not self.enabled:
-            return True
         target = self.submitted
         deadline = time.monotonic() + timeout
         self._urgent = True
@@ -253,8 +244,6 @@ class Recorder:
         if self._closing:
             return
         self._closing = True
-        if not self.enabled:
-            return
         self._wake.set()
         self._full.set()
         self._thread.join(timeout)
