@@ -1,17 +1,20 @@
-"""The recorder: the relay hands over one CallRecord per request; a background writer
-thread does everything else.
+"""The recorder: the relay hands over one CallRecord per request.
 
-Hot path (`submit`, on the relay's event loop): a length check, a deque append and, only
-when the writer is idle-sleeping, one Event.set(). No parsing, no locks, no syscalls.
+On the relay's event loop (`submit`), while the call's bytes are still in cache: the
+token usage (the provider's usage object only: a byte search from the end and a small
+msgspec Struct), the model from the body when the relay left it empty, the request delta
+(for requests of 4 KB or more), and the request and response fed into the current
+block's zstd stream (a zstd block ends every ~32 KB, so a call costs the loop about its own
+bytes' compression, never a 128 KB block's at once); then the bytes are let go. Measured against a writer thread
+that held ~100 ms of responses and did this work itself, this costs the loop less in all
+(bench/results-traces.md): held responses made every new one land in cold memory.
 
-Writer thread (named `sidegate-traces`), every `flush_interval` (0.1 s) while
-records flow, sleeping while idle: takes the queue as one batch; per record finds the
-token usage (the provider's usage object only, by byte search + a small msgspec
-Struct), reads the model from the body when the relay left it empty, builds one small
-head (a list) and appends the request (or its delta) and response bytes to the batch's
-body; then one batch row (msgpack + zstd, see store.py), the token/latency metrics
-(aggregated per batch), the audit lines in one write, OTel spans when configured. It
-offers the GIL every 8 records. Retention (age, size) runs at start, then every
+Writer thread (named `sidegate-traces`), every `flush_interval` (0.1 s) while calls
+flow, at once when a block is full, sleeping while idle: takes the blocks; per call
+reads the tool calls with their verdicts (observe-mode decisions may land after the
+response ended) into the head; then one batch row per block (msgpack heads + the zstd
+body, see store.py), the token/latency metrics (aggregated per block), the audit lines in
+one write, OTel spans when configured. Retention (age, size) runs at start, then every
 `retention_every` seconds.
 """
 
@@ -24,6 +27,7 @@ import threading
 import time
 
 import msgspec
+import zstandard
 
 from . import metrics, store
 from .extract import find_usage, model_in_body
@@ -40,7 +44,9 @@ _encode = msgspec.msgpack.Encoder().encode
 class CallRecord(msgspec.Struct, gc=False):
     """Built by the relay at the end of every proxied request. Fields are references to
     what the relay already has; nothing is parsed or copied for it. The relay passes the
-    fields by position (relay._record): a new field goes last, with a default."""
+    fields by position (relay._record): a new field goes last, with a default. `submit`
+    takes the record: it empties `request_body` and `response_chunks` once they are read
+    (kept only for OTel content capture)."""
 
     started: float  # time.time() at request start
     ttfb_ms: float | None  # to the first response byte sent to the client
@@ -63,7 +69,7 @@ class CallRecord(msgspec.Struct, gc=False):
     # True when the gateway created the traceparent (the agent sent none): the exported
     # span then takes that span id, so the upstream's parent is the gateway's span.
     traceparent_created: bool = False
-    queued_bytes: int = 0  # set by Recorder.submit: what the record holds while queued
+    queued_bytes: int = 0  # set by Recorder.submit: the bytes the call holds until the writer takes it
 
 
 def _name_thread(name: bytes) -> None:
@@ -126,18 +132,29 @@ def env_settings(env=None) -> dict:
 
 
 class _Block:
-    """One batch row being built: heads (lists in store.Head order), body parts, the
-    sessions and earlier batches it refers to, and delta bases within it."""
+    """One batch row being built on the event loop, then finished by the writer: the calls'
+    records and heads (lists in store.Head order; the tool-call fields are filled in by the
+    writer, once observe-mode verdicts have landed), their bodies as one zstd stream, the
+    sessions in it and the earlier batches its deltas build on."""
 
-    __slots__ = ("heads", "parts", "size", "sessions", "bases", "pending")
+    __slots__ = ("recs", "heads", "z", "out", "size", "flushed", "held", "sessions", "bases", "bid")
 
-    def __init__(self) -> None:
+    def __init__(self, z) -> None:
+        self.recs: list[CallRecord] = []
         self.heads: list[list] = []
-        self.parts: list[bytes] = []
-        self.size = 0
+        self.z = z  # zstd compression stream of the bodies; None when nothing is stored
+        self.out: list[bytes] = []  # its output so far
+        self.size = 0  # body bytes fed to it
+        self.flushed = 0  # body bytes up to the last zstd block end
+        self.held = 0  # bytes the block holds: compressed output, plus bodies kept for OTel content
         self.sessions: set[str] = set()
         self.bases: set[int] = set()
-        self.pending: dict = {}  # delta key -> (index in this block, request bytes, chain length)
+        self.bid: int | None = None  # the batch id, once stored
+
+
+_HEAD_CALLS, _HEAD_BLOCKED, _HEAD_LIST = 10, 11, 19  # filled by the writer
+_FLUSH_BLOCK = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+FLUSH_EVERY = 32 * 1024
 
 
 class Recorder:
@@ -151,11 +168,13 @@ class Recorder:
                  delta_chain_max: int = 50, delta_min: int = store.DELTA_MIN) -> None:
         self.path = traces_path
         self.max_queue = max_queue
-        # Queued records hold their request and response bytes: bound those too (a stalled
-        # writer behind long streams would otherwise hold max_queue times their size).
+        # What waiting calls hold (their compressed bodies; whole bodies only for OTel content
+        # capture) is bounded too: a stalled writer must not grow the worker without limit.
         self.max_queue_bytes = max_queue_bytes
-        self._bytes_in = 0  # bytes of records queued, ever (written by submit only)
-        self._bytes_out = 0  # bytes of records taken by the writer, ever (written by the writer only)
+        self._bytes_in = 0  # bytes held by calls handed over, ever (written by submit only)
+        self._bytes_out = 0  # bytes of those the writer has taken, ever (written by the writer only)
+        self._n_in = 0  # calls handed over, ever (submit)
+        self._n_out = 0  # calls the writer has taken, ever (writer)
         self.retention_s = retention_days * 86400.0
         self.max_bytes = max_bytes
         self.otlp_endpoint = otlp_endpoint
@@ -163,30 +182,40 @@ class Recorder:
         self.audit = None if audit in (None, "", "off") else audit
         self.audit_content = audit_content
         self.flush_interval = flush_interval
-        self.batch_max = batch_max
+        self.block_max = min(batch_max, store.MAX_CALLS)  # calls per batch row
         self.body_cap = body_cap
         self.request_cap = request_cap
         self.delta_sessions = delta_sessions  # sessions (or agents) whose last request is kept for deltas
         self.delta_bytes = delta_bytes
         self.delta_chain_max = delta_chain_max
         self.delta_min = delta_min  # smaller requests are stored whole
+        # delta key -> (block, index in it, request bytes, chain length); loop side, under _lock
         self._last: collections.OrderedDict = collections.OrderedDict()
+        self._last_bytes = 0
+        self._retaining = False  # retention is deleting batches: no new delta may build on a stored one
         self.retention_every = retention_every
         # `off` turns the store off, not the writer: token usage, TTFB and duration are
         # metrics (SPEC 4), read from the same records whether or not they are stored.
         self.store_enabled = store_enabled and bool(traces_path) and traces_path != "off"
+        self._storing = self.store_enabled  # False once the store failed to open: bodies are not compressed
+        self._keep_bodies = bool(otlp_endpoint) and otlp_content  # spans with content read the bodies
         # counters (read by tests and the benchmark)
         self.submitted = 0
         self.dropped_full = 0
         self.written = 0
         self.failed = 0
         self._processed = 0
-        self._q: collections.deque = collections.deque()
+        # Blocks are built by submit on the event loop and taken by the writer, both under
+        # _lock: the loop's zstd context is shared by the blocks in turn, and a block's stream
+        # is finished (one small flush) before the next one starts.
+        self._lock = threading.Lock()
+        self._cur: _Block | None = None
+        self._sealed: collections.deque = collections.deque()  # full blocks waiting for the writer
         self._sleeping = False
         self._urgent = False
         self._closing = False
         self._wake = threading.Event()
-        self._full = threading.Event()  # a quarter of max_queue_bytes is queued: take a batch now
+        self._full = threading.Event()  # a block is full, or a quarter of max_queue_bytes waits: take them now
         self._hurry = False
         self._done = threading.Condition()
         self._con = None
@@ -198,28 +227,169 @@ class Recorder:
     # -- relay side (event loop) ---------------------------------------------------------------
 
     def submit(self, rec: CallRecord) -> None:
-        """Queue one record. Never blocks; when the queue is full (max_queue records or
-        max_queue_bytes of bodies) the record is dropped and counted
-        (sidegate_trace_records_dropped_total{reason="queue_full"})."""
-        q = self._q
-        chunks = rec.response_chunks
-        size = len(rec.request_body) + (len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks)))
-        if (len(q) >= self.max_queue or self._bytes_in - self._bytes_out + size > self.max_queue_bytes
+        """Take one call. Never blocks and never raises. What needs the bytes happens here,
+        while they are still in cache: the usage object (a byte search from the end), the
+        model when the relay left it empty, the request delta, and the bodies fed into the
+        block's zstd stream; then the bytes are let go. Holding ~100 ms of responses for a
+        writer cost the loop more (every new response landed in cold memory) than compressing
+        them here. When the calls waiting hold max_queue records or max_queue_bytes, the call
+        is dropped and counted (sidegate_trace_records_dropped_total{reason="queue_full"})."""
+        if (self._n_in - self._n_out >= self.max_queue or self._bytes_in - self._bytes_out >= self.max_queue_bytes
                 or self._closing):
             self.dropped_full += 1
             metrics.dropped("queue_full")
             return
-        rec.queued_bytes = size
-        self._bytes_in += size
-        q.append(rec)
+        try:
+            held = self._take_in(rec)
+        except Exception as e:  # a malformed record must not reach the relay
+            self.failed += 1
+            metrics.dropped("record_error")
+            log.warning("trace record skipped: %s", type(e).__name__)
+            return
+        rec.queued_bytes = held
+        self._bytes_in += held
+        self._n_in += 1
         self.submitted += 1
         if self._sleeping:
             self._sleeping = False
             self._wake.set()
-        elif not self._hurry and self._bytes_in - self._bytes_out > self.max_queue_bytes >> 2:
-            # bodies pile up faster than one batch per flush interval takes them: now
+        elif not self._hurry and (self._sealed or self._bytes_in - self._bytes_out > self.max_queue_bytes >> 2):
             self._hurry = True
             self._full.set()
+
+    def _take_in(self, rec: CallRecord) -> int:
+        chunks = rec.response_chunks
+        rcap = self.body_cap
+        total = len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks))
+        if total <= rcap:
+            resp = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        else:
+            keep, size = [], 0
+            for c in chunks:
+                if size + len(c) > rcap:
+                    break
+                keep.append(c)
+                size += len(c)
+            resp = b"".join(keep) if keep else chunks[0][:rcap]
+        path = rec.path
+        if "?" in path:
+            path = path.partition("?")[0]
+        try:
+            u = find_usage(rec.dialect, path, rec.response_content_type,
+                           resp if total <= rcap and rec.dialect != "bedrock" else chunks)
+        except Exception:
+            u = None
+        if not rec.model:  # in the body for OpenAI and Anthropic
+            rec.model = model_in_body(rec.request_body)
+        if u is None:
+            u = _NO_USAGE
+        req = rec.request_body
+        head = [rec.started, rec.session or "", rec.tenant or "", rec.actor or "", rec.provider,
+                rec.model or "", rec.status, u[0], u[1], u[2], 0, 0, rec.error, rec.traceparent or "", None,
+                rec.dialect, path, rec.ttfb_ms, rec.duration_ms, None, len(req), total,
+                rec.response_content_type or "", 0 if total <= rcap else store.TRUNC_RESPONSE, 0, 0, 0, 0, 0]
+        held = 0
+        if self._keep_bodies:
+            rec.response_chunks = [resp]
+            held = len(req) + len(resp)
+        else:
+            rec.response_chunks = []
+            rec.request_body = b""
+        with self._lock:
+            blk = self._cur
+            if blk is None:
+                blk = self._cur = _Block(store.compressor().compressobj() if self._storing else None)
+            if blk.z is not None:
+                held += self._add_body(blk, rec, head, path, req, resp)
+            blk.recs.append(rec)
+            blk.heads.append(head)
+            blk.held += held
+            if len(blk.heads) >= self.block_max or blk.size > store.BODY_BLOCK:
+                self._seal(blk)
+                self._sealed.append(blk)
+                self._cur = None
+        return held
+
+    def _add_body(self, blk: _Block, rec: CallRecord, head: list, path: str, req: bytes, resp: bytes) -> int:
+        """The call's request (whole, or a delta's middle) and response into the block's
+        zstd stream (under _lock); returns the bytes this adds to the block's memory."""
+        qsize = len(req)
+        mid = req
+        if qsize > self.request_cap:
+            mid = req = req[:self.request_cap]
+            head[23] |= store.TRUNC_REQUEST
+        elif qsize >= self.delta_min:
+            # An agent's next call resends the conversation: its session's last request is
+            # the delta base (sessionless calls: the same agent/endpoint). The base is in this
+            # block, or in a stored one (not while retention may be deleting it).
+            dkey = rec.session or (rec.tenant, rec.actor, rec.provider, rec.model, path)
+            last = self._last
+            prev = last.get(dkey)
+            chain = 0
+            if prev is not None and prev[3] < self.delta_chain_max:
+                pblk = prev[0]
+                if pblk is blk or (pblk.bid is not None and not self._retaining):
+                    p, s = store.split_delta(prev[2], req)
+                    if p + s >= (qsize >> 1) and p + s >= 256:  # worth it: most of the request is known
+                        chain = prev[3]
+                        head[24], head[25] = p, s
+                        mid = req[p:qsize - s]
+                        if pblk is blk:
+                            head[14] = -(prev[1] + 1)
+                        else:
+                            head[14] = (pblk.bid << store.ID_SHIFT) | prev[1]
+                            blk.bases.add(pblk.bid)
+            if prev is not None:
+                self._last_bytes -= len(prev[2])
+            last[dkey] = (blk, len(blk.heads), req, chain + 1)
+            last.move_to_end(dkey)
+            self._last_bytes += qsize
+            while len(last) > self.delta_sessions or self._last_bytes > self.delta_bytes:
+                self._last_bytes -= len(last.popitem(last=False)[1][2])
+        if rec.session:
+            blk.sessions.add(rec.session)
+        head[26] = blk.size
+        head[27] = len(mid)
+        head[28] = len(resp)
+        pending = blk.size - blk.flushed  # fed, still in zstd's buffer
+        blk.size += len(mid) + len(resp)
+        z, out = blk.z, blk.out
+        n = len(out)
+        if mid:
+            out.append(z.compress(mid))
+        if resp:
+            out.append(z.compress(resp))
+        # zstd compresses when its 128 KB block fills: end a block every ~32 KB instead, so
+        # that no call costs the loop much more than its own bytes (a block end costs ~1.5 us:
+        # not after every small call)
+        if blk.size - blk.flushed >= FLUSH_EVERY:
+            out.append(z.flush(_FLUSH_BLOCK))
+            blk.flushed = blk.size
+        # what the call adds to the block's memory: output, and input zstd still buffers
+        return sum(map(len, out[n:])) + (blk.size - blk.flushed) - pending
+
+    @staticmethod
+    def _seal(blk: _Block) -> None:
+        """End the block's zstd frame (under _lock): small, the calls' blocks are done."""
+        if blk.z is not None:
+            blk.out.append(blk.z.flush())
+            blk.z = None
+
+    def _take(self) -> list[_Block]:
+        """The writer takes the full blocks and the one being built."""
+        with self._lock:
+            blocks = list(self._sealed)
+            self._sealed.clear()
+            blk = self._cur
+            if blk is not None and blk.heads:
+                self._seal(blk)
+                blocks.append(blk)
+                self._cur = None
+        return blocks
+
+    def _pending(self) -> bool:
+        cur = self._cur  # (one read: submit may swap it meanwhile)
+        return bool(self._sealed) or (cur is not None and bool(cur.heads))
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -248,19 +418,20 @@ class Recorder:
         self._full.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            log.warning("trace writer did not finish in %.1fs: %d record(s) not written", timeout, len(self._q))
+            log.warning("trace writer did not finish in %.1fs: %d record(s) not written", timeout,
+                        self._n_in - self._n_out)
 
     # -- writer thread -----------------------------------------------------------------------------
 
     def _run(self) -> None:
         # No lower priority: at nice +10 a worker whose core is saturated starved the writer,
-        # so the queue filled (hundreds of MiB of bodies) and records were dropped. The
-        # writer yields the GIL every 8 records instead, which keeps request latency flat.
+        # so the queue filled and records were dropped.
         _name_thread(b"sidegate-traces")
         if self.store_enabled:
             try:
                 self._con = store.open_writer(self.path)
             except Exception as e:
+                self._storing = False
                 log.error("trace store %s unavailable (%s: %s): calls are counted but not stored",
                           self.path, type(e).__name__, e)
         if self.audit:
@@ -273,70 +444,46 @@ class Recorder:
             except Exception as e:
                 log.error("OTLP export to %s disabled: %s: %s", self.otlp_endpoint, type(e).__name__, e)
         next_retention = time.monotonic()
-        q = self._q
         while True:
-            if not q:
+            if not self._pending():
                 if self._closing:
                     break
                 self._sleeping = True
-                if not q and not self._closing:  # re-check after raising the flag (see submit)
+                if not self._pending() and not self._closing:  # re-check after raising the flag (see submit)
                     self._wake.wait(max(0.0, next_retention - time.monotonic()) if self._con else None)
                 self._sleeping = False
                 self._wake.clear()
-            if q and not self._closing and not self._urgent and len(q) < self.batch_max:
-                self._full.wait(self.flush_interval)  # let a batch gather (submit ends it early when bytes pile up)
+            if self._pending() and not self._closing and not self._urgent and not self._sealed:
+                self._full.wait(self.flush_interval)  # let a block gather (submit ends it early)
             self._full.clear()
             self._hurry = False
             self._urgent = False
-            while q:
-                n = min(len(q), self.batch_max)
-                batch = [q.popleft() for _ in range(n)]
-                self._bytes_out += sum(r.queued_bytes for r in batch)
-                self._process(batch)
+            for blk in self._take():
+                self._n_out += len(blk.heads)
+                self._bytes_out += blk.held
+                self._process(blk)
             if self._con is not None and time.monotonic() >= next_retention:
                 self._retention()
                 next_retention = time.monotonic() + self.retention_every
+        for blk in self._take():  # (submits that raced the close)
+            self._n_out += len(blk.heads)
+            self._bytes_out += blk.held
+            self._process(blk)
         self._shutdown()
 
-    def _process(self, batch: list[CallRecord]) -> None:
+    def _process(self, blk: _Block) -> None:
         tokens, timing, audit = {}, {}, []
-        rcap = self.body_cap
-        store_on = self._con is not None
-        blk = _Block()
-        for n, rec in enumerate(batch, 1):
-            if not n & 7:
-                # Offer the GIL every 8 records (~50 us of work): a request that arrives
-                # meanwhile waits for that, not for the switch interval (5 ms). sched_yield
-                # releases the GIL for ~1 us; time.sleep(0) costs ~25 us of CPU (timer set-up).
-                os.sched_yield()
+        heads = blk.heads
+        for n, (rec, head) in enumerate(zip(blk.recs, heads), 1):
+            if not n & 63:
+                os.sched_yield()  # offer the GIL now and then (~1 us; time.sleep(0) costs ~25 us)
             try:
-                chunks = rec.response_chunks
-                total = rec.queued_bytes - len(rec.request_body)  # the response's size, counted by submit
-                if total <= rcap:
-                    resp = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                else:
-                    keep, size = [], 0
-                    for c in chunks:
-                        if size + len(c) > rcap:
-                            break
-                        keep.append(c)
-                        size += len(c)
-                    resp = b"".join(keep) if keep else chunks[0][:rcap]
-                path = rec.path
-                if "?" in path:
-                    path = path.partition("?")[0]
-                try:
-                    u = find_usage(rec.dialect, path, rec.response_content_type,
-                                   resp if total <= rcap and rec.dialect != "bedrock" else chunks)
-                except Exception:
-                    u = None
                 provider = rec.provider
-                if not rec.model:  # in the body for OpenAI and Anthropic: read here, not on the hot path
-                    rec.model = model_in_body(rec.request_body)
-                if u is not None:
+                if head[7] is not None:
                     key = (provider, rec.tenant, rec.model)
                     acc = tokens.get(key)
-                    tokens[key] = u if acc is None else (acc[0] + u[0], acc[1] + u[1], acc[2] + u[2])
+                    tokens[key] = ((head[7], head[8], head[9]) if acc is None
+                                   else (acc[0] + head[7], acc[1] + head[8], acc[2] + head[9]))
                 t = timing.get(provider)
                 if t is None:
                     t = timing[provider] = ([], [])
@@ -351,15 +498,15 @@ class Recorder:
                     for c in calls:
                         if c.get("decision") in BLOCKED:
                             blocked += 1
-                if store_on:
-                    if blk.size > store.BODY_BLOCK or len(blk.heads) >= store.MAX_CALLS:
-                        self._store(blk)
-                        blk = _Block()
-                    self._add(blk, rec, path, u, calls, blocked, resp, total)
+                head[_HEAD_CALLS] = len(calls)
+                head[_HEAD_BLOCKED] = blocked
+                head[_HEAD_LIST] = calls
                 if self._audit_fd is not None and calls:
-                    audit.extend(self._audit_lines(rec, session_of(rec), path))
+                    audit.extend(self._audit_lines(rec, session_of(rec), head[16]))
                 if self._otel is not None:
                     try:
+                        u = None if head[7] is None else (head[7], head[8], head[9])
+                        resp = rec.response_chunks[0] if rec.response_chunks else b""
                         self._otel.export(rec, u, session_of(rec), resp)
                     except Exception as e:
                         log.warning("OTel span not exported: %s", type(e).__name__)
@@ -367,98 +514,52 @@ class Recorder:
                 self.failed += 1
                 metrics.dropped("record_error")
                 log.warning("trace record skipped: %s", type(e).__name__)
+                head[_HEAD_LIST] = head[_HEAD_LIST] or []
         for (provider, tenant, model), (i, o, c) in tokens.items():
             metrics.tokens(provider, tenant, model, i, o, c)
         for provider, (ttfb, dur) in timing.items():
             if ttfb:
                 metrics.observe_many(metrics.TTFB, provider, ttfb)
             metrics.observe_many(metrics.DURATION, provider, dur)
-        if blk.heads:
+        if self._con is not None and blk.out:
             self._store(blk)
         if audit:
             self._write_audit(b"".join(audit))
         with self._done:
-            self._processed += len(batch)
+            self._processed += len(heads)
             self._done.notify_all()
 
-    def _add(self, blk: "_Block", rec, path, u, calls, blocked, resp, total) -> None:
-        """The call's head; its request (whole, or a delta's middle) and response go to the
-        block's body."""
-        req = rec.request_body
-        qsize = len(req)
-        trunc = 0 if total <= self.body_cap else store.TRUNC_RESPONSE
-        base = None
-        prefix = suffix = 0
-        mid = req
-        if qsize > self.request_cap:
-            mid = req = req[:self.request_cap]
-            trunc |= store.TRUNC_REQUEST
-        elif qsize >= self.delta_min:
-            # An agent's next call resends the conversation: its session's last request is
-            # the delta base (sessionless calls: the same agent/endpoint).
-            dkey = rec.session or (rec.tenant, rec.actor, rec.provider, rec.model, path)
-            prev = blk.pending.get(dkey)
-            in_block = prev is not None
-            if not in_block:
-                prev = self._last.get(dkey)
-            chain = 0
-            if prev is not None and prev[2] < self.delta_chain_max:
-                p, s = store.split_delta(prev[1], req)
-                if p + s >= (qsize >> 1) and p + s >= 256:  # worth it: most of the request is known
-                    prefix, suffix, chain = p, s, prev[2]
-                    mid = req[p:qsize - s]
-                    if in_block:
-                        base = -(prev[0] + 1)
-                    else:
-                        base = prev[0]
-                        blk.bases.add(base >> store.ID_SHIFT)
-            blk.pending[dkey] = (len(blk.heads), req, chain + 1)
-        if rec.session:
-            blk.sessions.add(rec.session)
-        off = blk.size
-        blk.parts.append(mid)
-        blk.parts.append(resp)
-        blk.size = off + len(mid) + len(resp)
-        if u is None:
-            u = _NO_USAGE
-        blk.heads.append([rec.started, rec.session or "", rec.tenant or "", rec.actor or "", rec.provider,
-                          rec.model or "", rec.status, u[0], u[1], u[2], len(calls), blocked, rec.error,
-                          rec.traceparent or "", base, rec.dialect, path, rec.ttfb_ms, rec.duration_ms, calls,
-                          qsize, total, rec.response_content_type or "", trunc, prefix, suffix, off, len(mid),
-                          len(resp)])
-
-    def _store(self, blk: "_Block") -> None:
-        last = self._last
+    def _store(self, blk: _Block) -> None:
+        n = len(blk.heads)
         try:
-            bid = store.insert_batch(self._con, blk.heads, blk.parts, blk.size, blk.sessions, blk.bases)
+            blk.bid = store.insert_batch(self._con, blk.heads, b"z" + b"".join(blk.out), blk.sessions, blk.bases)
         except Exception as e:
-            self.failed += len(blk.heads)
-            metrics.dropped("store_error", len(blk.heads))
-            for dkey in blk.pending:  # no later call may build on these
-                last.pop(dkey, None)
-            log.warning("%d trace record(s) not stored: %s: %s", len(blk.heads), type(e).__name__, e)
+            self.failed += n  # (no later call builds on this block: its bid stays None)
+            metrics.dropped("store_error", n)
+            log.warning("%d trace record(s) not stored: %s: %s", n, type(e).__name__, e)
             return
-        self.written += len(blk.heads)
-        for dkey, (index, req, chain) in blk.pending.items():
-            last[dkey] = ((bid << store.ID_SHIFT) | index, req, chain)
-            last.move_to_end(dkey)
-        if blk.pending:
-            self._trim_last()
-
-    def _trim_last(self) -> None:
-        last = self._last
-        size = sum(len(v[1]) for v in last.values())
-        while last and (len(last) > self.delta_sessions or size > self.delta_bytes):
-            size -= len(last.popitem(last=False)[1][1])
+        self.written += n
 
     def _retention(self) -> None:
+        with self._lock:  # the bases of calls not stored yet stay; no new call builds on a stored one meanwhile
+            self._retaining = True
+            keep = set()
+            for blk in (*self._sealed, self._cur):
+                if blk is not None:
+                    keep |= blk.bases
+        n = 0
         try:
-            n = store.enforce_retention(self._con, self.retention_s, self.max_bytes)
+            n = store.enforce_retention(self._con, self.retention_s, self.max_bytes, keep=keep)
             if n:
                 log.info("trace retention: %d call(s) removed", n)
-                self._last.clear()  # a base may be gone: the next request of each run is stored whole
         except Exception as e:
             log.warning("trace retention failed: %s: %s", type(e).__name__, e)
+        finally:
+            with self._lock:
+                if n:  # a base may be gone: the next request of each run is stored whole
+                    self._last.clear()
+                    self._last_bytes = 0
+                self._retaining = False
 
     # -- audit log ---------------------------------------------------------------------------------
 

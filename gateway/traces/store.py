@@ -113,7 +113,8 @@ def shown_session(h: Head) -> str:
 _local = threading.local()  # a zstd context per thread: making one costs more than a batch's use of it
 
 
-def _zstd() -> zstandard.ZstdCompressor:
+def compressor() -> zstandard.ZstdCompressor:
+    """This thread's compressor (one operation at a time on it)."""
     z = getattr(_local, "z", None)
     if z is None:
         z = _local.z = zstandard.ZstdCompressor(level=ZLEVEL)
@@ -123,7 +124,7 @@ def _zstd() -> zstandard.ZstdCompressor:
 def pack(data: bytes) -> bytes:
     if len(data) < RAW_BELOW:
         return b"r" + data
-    return b"z" + _zstd().compress(data)
+    return b"z" + compressor().compress(data)
 
 
 def pack_parts(parts: list[bytes], size: int) -> bytes:
@@ -131,7 +132,7 @@ def pack_parts(parts: list[bytes], size: int) -> bytes:
     buffer that size costs a page fault every 4 KB, more than compressing it."""
     if size < RAW_BELOW:
         return b"r" + b"".join(parts)
-    c = _zstd().compressobj(size=size)
+    c = compressor().compressobj(size=size)
     out = [b"z"]
     for p in parts:
         if p:
@@ -143,7 +144,10 @@ def pack_parts(parts: list[bytes], size: int) -> bytes:
 def unpack(blob: bytes) -> bytes:
     if blob[:1] == b"r":
         return blob[1:]
-    return zstandard.ZstdDecompressor().decompress(blob[1:])
+    data = blob[1:]
+    if zstandard.frame_content_size(data) < 0:  # a stream (the recorder's bodies): size not in the header
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return zstandard.ZstdDecompressor().decompress(data)
 
 
 def _prepare_file(path: str) -> None:
@@ -259,16 +263,15 @@ def _unlink(con: sqlite3.Connection, bids: list[int]) -> None:
     con.execute(f"DELETE FROM deps WHERE batch IN ({marks})", bids)
 
 
-def insert_batch(con: sqlite3.Connection, heads: list, body_parts: list[bytes], body_size: int, sessions,
-                 bases) -> int:
-    """Store one batch row: `heads` are lists in Head order, `body_parts` the bytes their
-    offsets point into (`body_size` of them); `sessions` the agent sessions among them,
-    `bases` the earlier batches their deltas build on. Encoding and compression happen
-    before the write lock is taken. Returns the batch id (call i is `id << ID_SHIFT | i`)."""
+def insert_batch(con: sqlite3.Connection, heads: list, body: bytes, sessions, bases) -> int:
+    """Store one batch row: `heads` are lists in Head order, `body` the packed bytes (see
+    pack) their offsets point into; `sessions` the agent sessions among them, `bases` the
+    earlier batches their deltas build on. Encoding happens before the write lock is
+    taken. Returns the batch id (call i is `id << ID_SHIFT | i`)."""
     first = min(h[0] for h in heads)
     last = max(h[0] for h in heads)
     hblob = pack(_encode(heads))
-    bblob = pack_parts(body_parts, body_size)
+    bblob = body
     with _immediate(con):
         bid = con.execute("INSERT INTO batches (first, last, n, heads, body) VALUES (?, ?, ?, ?, ?)",
                           (first, last, len(heads), hblob, bblob)).lastrowid
@@ -375,15 +378,19 @@ def _rewrite(con: sqlite3.Connection, reader: "Reader", bid: int, drop: set[int]
     reader.forget(bid)
 
 
-def enforce_retention(con: sqlite3.Connection, max_age_s: float, max_bytes: int, now: float | None = None) -> int:
+def enforce_retention(con: sqlite3.Connection, max_age_s: float, max_bytes: int, now: float | None = None,
+                      keep=frozenset()) -> int:
     """Delete calls older than max_age_s, then the oldest batches until the data fits
-    max_bytes. Returns the number of calls deleted."""
+    max_bytes; batches in `keep` (bases of calls not stored yet) stay. Returns the number
+    of calls deleted."""
     now = time.time() if now is None else now
     deleted = 0
     if max_age_s and max_age_s > 0:
         cutoff = now - max_age_s
         victims: dict[int, set[int] | None] = {}
         for bid, last, heads in con.execute("SELECT id, last, heads FROM batches WHERE first < ?", (cutoff,)):
+            if bid in keep:
+                continue
             if last < cutoff:
                 victims[bid] = None
             else:  # a batch with calls on both sides of the cut
@@ -402,6 +409,8 @@ def enforce_retention(con: sqlite3.Connection, max_age_s: float, max_bytes: int,
             victims, acc = {}, 0
             for bid, size in con.execute("SELECT id, length(heads) + length(body) + 64 FROM batches "
                                          "ORDER BY id LIMIT 1000"):
+                if bid in keep:
+                    continue
                 victims[bid] = None
                 acc += size
                 if acc >= excess:
