@@ -1,13 +1,14 @@
-"""Cost of tracing: the relay-side hand-over and the background writer, per request.
+"""Cost of tracing: the recorder's `submit` on the relay's loop and the background writer, per request.
 
   python -m bench.bench_traces                  # both parts, prints a markdown report
-  python -m bench.bench_traces --part micro     # in-process only (submit, writer CPU per record)
+  python -m bench.bench_traces --part micro     # in-process only (submit and writer CPU per record)
   python -m bench.bench_traces --part gateway --reps 3 --duration 5
   python -m bench.bench_traces --write          # also write bench/results-traces.md
 
 Part "micro" (in process): CallRecord construction and Recorder.submit() in ns, then the
-writer thread's CPU per record (its own /proc schedstat) for three traffic shapes, records
-submitted at a steady rate so batches look like a live gateway's:
+CPU per record of submit (the submitting thread) and of the writer thread (its own /proc
+schedstat) for four traffic shapes, records submitted at a steady rate so batches look
+like a live gateway's:
   nonstream  the load generator's 2.4 KB chat request, the mock's 551-byte JSON answer
   unique     the same, but every request carries a different 1 KB question (only the
              system prompt is shared), from 7 agents
@@ -17,11 +18,10 @@ submitted at a steady rate so batches look like a live gateway's:
 
 Part "gateway" (end to end; points: the 2.4 KB non-stream call, the 64-event stream, and a
 100 KB non-stream request like an agent's conversation): `sidegate serve` on
-core 0 with tracing on (default embedded store) and off (SIDEGATE_TRACES=off), the mock
+core 0 with the trace store on (the default embedded store) and off (SIDEGATE_TRACES=off:
+token and latency metrics still counted), the mock
 upstream and the load generator on core 1, interleaved repetitions; CPU per request =
-the gateway process tree's schedstat run time / completed requests. Without the relay
-wiring, the gateway part measures the untraced gateway and reports the overhead the
-micro numbers imply (hand-over + writer CPU / gateway CPU), labelled as an estimate.
+the gateway process tree's schedstat run time / completed requests.
 """
 
 from __future__ import annotations
@@ -160,92 +160,6 @@ def bench_writer(tmp: str, shape: str, rate: float = 2000.0, n: int = 6000) -> d
 
 # -- gateway -------------------------------------------------------------------------------------
 
-class TracedApp:
-    """`bench.bench_traces:traced_app`: the gateway's ASGI app behind a recording shim
-    (wraps receive/send to keep the request body, the response bytes as sent and the
-    time of the first byte), to measure tracing end to end before the relay submits
-    records itself. The shim's own wrapping is counted in the result."""
-
-    def __init__(self) -> None:
-        from gateway.app import ProxyApp
-
-        self.inner = ProxyApp()
-        self.recorder = None
-        self.started = False
-
-    def _start(self) -> None:
-        from gateway.traces import env_settings
-
-        self.started = True
-        path = os.environ.get("SIDEGATE_TRACES", "off")
-        self.shim_only = os.environ.get("SIDEGATE_BENCH_SHIM_ONLY") == "1"
-        self.recorder = Recorder(path, **env_settings()) if path != "off" else None
-
-    async def __call__(self, scope, receive, send) -> None:
-        kind = scope["type"]
-        if kind == "lifespan":
-            async def recv():
-                msg = await receive()
-                if msg["type"] == "lifespan.startup" and not self.started:
-                    self._start()
-                elif msg["type"] == "lifespan.shutdown" and self.recorder is not None:
-                    self.recorder.close()
-                return msg
-
-            return await self.inner(scope, recv, send)
-        if not self.started:
-            self._start()
-        rec = self.recorder
-        if (rec is None and not self.shim_only) or kind != "http":
-            return await self.inner(scope, receive, send)
-        started, t0 = time.time(), time.perf_counter()
-        body: list[bytes] = []
-        chunks: list[bytes] = []
-        head: list = [0, "", None]  # status, content type, first byte time
-
-        async def recv():
-            msg = await receive()
-            if msg["type"] == "http.request":
-                body.append(msg.get("body", b""))
-            return msg
-
-        async def snd(msg):
-            if msg["type"] == "http.response.body":
-                if head[2] is None:
-                    head[2] = time.perf_counter()
-                chunks.append(msg.get("body", b""))
-            elif msg["type"] == "http.response.start":
-                head[0] = msg["status"]
-                for n, v in msg.get("headers") or ():
-                    if n == b"content-type":
-                        head[1] = v.decode("latin-1")
-                        break
-            await send(msg)
-
-        await self.inner(scope, recv, snd)
-        end = time.perf_counter()
-        tp = ""
-        for n, v in scope.get("headers") or ():
-            if n == b"traceparent":
-                tp = v.decode("latin-1")
-        record = CallRecord(started=started, ttfb_ms=(head[2] - t0) * 1000.0 if head[2] else None,
-                              duration_ms=(end - t0) * 1000.0, provider="openai", dialect="openai",
-                              path=scope["path"], model="gpt-4.1", tenant="", actor="", session="",
-                              status=head[0], traceparent=tp,
-                              request_body=body[0] if len(body) == 1 else b"".join(body),
-                              response_content_type=head[1], response_chunks=chunks, tool_calls=[], error=None)
-        if rec is not None:
-            rec.submit(record)
-
-
-traced_app = TracedApp()
-
-
-def relay_wired() -> bool:
-    src = open(os.path.join(ROOT, "gateway", "relay.py")).read()
-    return "CallRecord" in src and ".submit(" in src
-
-
 def thread_cpu_ns(pid: int) -> dict[str, int]:
     """CPU of the process tree by thread kind: the trace writer (`sidegate-traces`), the
     granian runtime threads (`tokio-rt-worker`), the rest (event loop, main processes)."""
@@ -291,8 +205,7 @@ def bench_gateway(reps: int, duration: float, tmp: str, only: list[str] | None =
     mock_port, gw_port, ops_port = base, base + 1, base + 2
     mock = start([PY, "-m", "bench.mock_upstream", "--port", str(mock_port)], 1)
     results: dict[str, dict[str, list]] = {}
-    wired = relay_wired()
-    modes = ["on", "off"] if wired else ["on", "off", "shim"]
+    modes = ["on", "off"]
     points = {"nonstream": ["--conns", "16"], "stream": ["--conns", "16", "--stream", "--events", "64"],
               "nonstream-100k": ["--conns", "16", "--body-size", "100000"]}
     if only:
@@ -306,18 +219,11 @@ def bench_gateway(reps: int, duration: float, tmp: str, only: list[str] | None =
                 env.update({"SIDEGATE_UPSTREAM_OPENAI": f"http://127.0.0.1:{mock_port}/v1",
                             "SIDEGATE_POLICY": os.path.join(d, "none.yaml"), "SIDEGATE_LOG_LEVEL": "warning",
                             "PROMETHEUS_MULTIPROC_DIR": os.path.join(d, "metrics"),
-                            "SIDEGATE_TRACES": os.path.join(d, "traces.sqlite") if mode == "on" else "off",
-                            "SIDEGATE_BENCH_SHIM_ONLY": "1" if mode == "shim" else "0"})
+                            "SIDEGATE_TRACES": os.path.join(d, "traces.sqlite") if mode == "on" else "off"})
                 if mode == "on":
                     env.update(on_env or {})
-                if wired:
-                    argv = [PY, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{gw_port}",
-                            "--ops-listen", f"127.0.0.1:{ops_port}"]
-                else:  # the same app behind granian, recorded by the shim above
-                    os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
-                    argv = [os.path.join(os.path.dirname(PY), "granian"), "--interface", "asgi", "--loop", "uvloop",
-                            "--workers", "1", "--log-level", "warning", "--no-ws", "--host", "127.0.0.1",
-                            "--port", str(gw_port), "bench.bench_traces:traced_app"]
+                argv = [PY, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{gw_port}",
+                        "--ops-listen", f"127.0.0.1:{ops_port}"]
                 gw = start(argv, 0, env, open(os.path.join(d, "gateway.log"), "w"))
                 try:
                     if not wait_port(gw_port, 30):
@@ -348,7 +254,7 @@ def bench_gateway(reps: int, duration: float, tmp: str, only: list[str] | None =
                     stop(gw)
     finally:
         stop(mock)
-    return {"modes": modes, "points": results, "wired": wired}
+    return {"modes": modes, "points": results}
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -377,54 +283,25 @@ def report(micro: dict | None, gw: dict | None) -> str:
         lines.append("")
     if gw:
         pts = gw["points"]
-        if True:
-            how = ("`sidegate serve`, the relay's own hand-over" if gw.get("wired") else
-                   "granian + the gateway app, records handed over by the shim `bench.bench_traces:traced_app` "
-                   "(the relay does not submit records yet)")
-            lines += ["## Whole gateway: trace store on vs off (CPU of the gateway process tree per request)", "",
-                      f"How: {how}; `SIDEGATE_TRACES=off` (no store; `submit` still reads each call's "
-                      "token usage for the metrics) vs the embedded store; gateway on core 0, mock upstream "
-                      "and load generator (16 connections, closed loop) on core 1; "
-                      f"{len(next(iter(pts.values()))['on'])} interleaved repetitions, medians.", ""]
-            if "shim" in gw["modes"]:
-                lines += ["The shim's own wrapping of receive/send (not part of tracing) is measured alone "
-                          "(`shim`: wrapped, nothing recorded) and taken out: overhead = (on - shim) / off.", ""]
-            lines += [
-                      "| traffic | off: CPU/req | on: CPU/req | overhead | writer thread | event loop + rest (off → on) "
-                      "| granian runtime threads (off → on) | off: p50 / p99 | on: p50 / p99 | records dropped (all reps) |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
-            for point, by in pts.items():
-                off = statistics.median(x["cpu_us"] for x in by["off"])
-                on = statistics.median(x["cpu_us"] for x in by["on"])
-                if "shim" in by:
-                    shim = statistics.median(x["cpu_us"] for x in by["shim"])
-                    on_net = off + on - shim
-                else:
-                    shim, on_net = None, on
-                def lat(m, by=by):
-                    return (f"{statistics.median(x['p50_ms'] for x in by[m]):.2f} / "
-                            f"{statistics.median(x['p99_ms'] for x in by[m]):.2f} ms")
-                wr = statistics.median(x["writer_us"] for x in by["on"])
+        lines += ["## Whole gateway: trace store on vs off (CPU of the gateway process tree per request)", "",
+                  "How: `sidegate serve`; `SIDEGATE_TRACES=off` (no store; `submit` still reads each call's "
+                  "token usage for the metrics) vs the embedded store; gateway on core 0, mock upstream "
+                  "and load generator (16 connections, closed loop) on core 1; "
+                  f"{len(next(iter(pts.values()))['on'])} interleaved repetitions, medians.", "",
+                  "| traffic | off: CPU/req | on: CPU/req | overhead | writer thread | event loop + rest (off → on) "
+                  "| granian runtime threads (off → on) | off: p50 / p99 | on: p50 / p99 | records dropped (all reps) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for point, by in pts.items():
+            def med(mode, key, by=by):
+                return statistics.median(x[key] for x in by[mode])
 
-                def med(mode, key, by=by):
-                    return statistics.median(x[key] for x in by[mode])
-                loop = f"{med('off', 'loop_us'):.0f} → {med('on', 'loop_us'):.0f} us"
-                rt = f"{med('off', 'runtime_us'):.0f} → {med('on', 'runtime_us'):.0f} us"
-                shown_on = f"{on:.0f} us" + (f" (shim alone {shim:.0f} us)" if shim is not None else "")
-                lines.append(f"| {point} | {off:.0f} us | {shown_on} | {100 * (on_net - off) / off:+.1f}% | "
-                             f"{wr:.0f} us | {loop} | {rt} | {lat('off')} | {lat('on')} | "
-                             f"{sum(x.get('dropped', 0) for x in by['on']):.0f} |")
-        else:
-            lines += ["## Whole gateway (relay not wired yet: tracing cost estimated from the micro numbers)", "",
-                      "| traffic | gateway CPU/req (untraced) | tracing CPU/req (hand-over + writer) | estimated overhead |",
-                      "|---|---|---|---|"]
-            writer = {w["shape"]: w["writer_us_per_record"] for w in (micro or {}).get("writer", [])}
-            hand = ((micro or {}).get("submit", {}).get("submit_ns", 0)
-                    + (micro or {}).get("submit", {}).get("record_ns", 0)) / 1000
-            for point, by in pts.items():
-                off = statistics.median(x["cpu_us"] for x in by["off"])
-                cost = writer.get(point, 0) + hand
-                lines.append(f"| {point} | {off:.0f} us | {cost:.1f} us | {100 * cost / off:.1f}% |")
+            def lat(m):
+                return f"{med(m, 'p50_ms'):.2f} / {med(m, 'p99_ms'):.2f} ms"
+            off, on = med("off", "cpu_us"), med("on", "cpu_us")
+            lines.append(f"| {point} | {off:.0f} us | {on:.0f} us | {100 * (on - off) / off:+.1f}% | "
+                         f"{med('on', 'writer_us'):.0f} us | {med('off', 'loop_us'):.0f} → {med('on', 'loop_us'):.0f} us | "
+                         f"{med('off', 'runtime_us'):.0f} → {med('on', 'runtime_us'):.0f} us | {lat('off')} | {lat('on')} | "
+                         f"{sum(x.get('dropped', 0) for x in by['on']):.0f} |")
         lines.append("")
     lines += NOTES
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import pytest
 
 from gateway.traces import Recorder
 from tests.support.fake_upstream import load_meta
-from tests.test_traces import RELAY_WIRED, expected_usage, record_for
+from tests.test_traces import expected_usage, record_for
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +187,6 @@ def test_spans_reach_phoenix_with_the_genai_attributes(phoenix, tmp_path):
             assert "gen_ai.tool.call.arguments" not in e["attributes"]  # content is opt-in
 
 
-@pytest.mark.skipif(not RELAY_WIRED, reason="the relay does not submit CallRecords yet (gateway/relay.py)")
 def test_gateway_exports_to_phoenix(phoenix):
     from tests.support import sdk_drivers as sdk
     from tests.support.fake_upstream import FakeUpstream, Reply
