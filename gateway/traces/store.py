@@ -10,9 +10,8 @@ gateway's core, so the store holds one row per writer batch, not one per call.
 * `batches`: one row per writer batch (or per 4 MB of its bodies): `heads`, a zstd
   frame of a msgpack array with one `Head` per call (the fields listings filter and sum
   on; `None` for a call retention removed), and `body`, a zstd frame of the calls'
-  request and response bytes one after the other. zstd (level 1, small tables: ZPARAMS)
-  compresses SSE answers and repeated prompts 5-50 times at about 1 ns a byte, cheaper
-  than writing them raw.
+  request and response bytes one after the other. zstd level 1 compresses SSE answers
+  and repeated prompts 5-50 times at about 1 ns a byte, cheaper than writing them raw.
   A call's id is `batch id << 16 | index`. Bodies are parsed only when read.
 * `runs`: (session, batch) for every agent session with calls in a batch: the index a
   session's conversation is read through. Calls without a session are shown under their
@@ -39,11 +38,7 @@ import zstandard
 
 SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 5000
-# zstd level 1 with a 16 KB hash table and a 128 KB window (level 1's own: 64 KB and 512 KB):
-# the event loop compresses each call's bodies between requests, when its caches are cold. Measured on calls of 2.8 KB with the caches
-# flushed between them: 2.0 against 3.8 us; on the recorded provider traffic in
-# tests/fixtures: 23 % faster, 6.1x against 6.9x smaller.
-ZPARAMS = zstandard.ZstdCompressionParameters.from_level(1, window_log=17, hash_log=12, chain_log=12)
+ZLEVEL = 1
 RAW_BELOW = 256  # a body smaller than this is stored as it is
 BODY_BLOCK = 4 * 1024 * 1024  # a new batch row past this many body bytes
 ID_SHIFT = 16
@@ -122,7 +117,7 @@ def compressor() -> zstandard.ZstdCompressor:
     """This thread's compressor (one operation at a time on it)."""
     z = getattr(_local, "z", None)
     if z is None:
-        z = _local.z = zstandard.ZstdCompressor(compression_params=ZPARAMS)
+        z = _local.z = zstandard.ZstdCompressor(level=ZLEVEL)
     return z
 
 
