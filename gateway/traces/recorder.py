@@ -152,7 +152,13 @@ class _Block:
         self.bid: int | None = None  # the batch id, once stored
 
 
-_HEAD_CALLS, _HEAD_BLOCKED, _HEAD_LIST = 10, 11, 19  # filled by the writer
+# positions in a head (a list in store.Head order)
+_H = {name: i for i, name in enumerate(store.Head.__struct_fields__)}
+_IN, _OUT, _CACHED, _BASE, _PATH, _TRUNC = (_H[k] for k in ("input_tokens", "output_tokens", "cached_tokens",
+                                                         "req_base", "path", "truncated"))
+_PREFIX, _SUFFIX, _REQ_OFF, _REQ_LEN, _RESP_LEN = (_H[k] for k in ("req_prefix", "req_suffix", "req_off", "req_len",
+                                                                   "resp_len"))
+_N_CALLS, _N_BLOCKED, _CALLS = _H["n_tool_calls"], _H["n_blocked"], _H["tool_calls"]  # filled by the writer
 _FLUSH_BLOCK = zstandard.COMPRESSOBJ_FLUSH_BLOCK
 FLUSH_EVERY = 32 * 1024
 
@@ -284,7 +290,7 @@ class Recorder:
         if u is None:
             u = _NO_USAGE
         req = rec.request_body
-        head = [rec.started, rec.session or "", rec.tenant or "", rec.actor or "", rec.provider,
+        head = [rec.started, rec.session or "", rec.tenant or "", rec.actor or "", rec.provider,  # store.Head order
                 rec.model or "", rec.status, u[0], u[1], u[2], 0, 0, rec.error, rec.traceparent or "", None,
                 rec.dialect, path, rec.ttfb_ms, rec.duration_ms, None, len(req), total,
                 rec.response_content_type or "", 0 if total <= rcap else store.TRUNC_RESPONSE, 0, 0, 0, 0, 0]
@@ -317,7 +323,7 @@ class Recorder:
         mid = req
         if qsize > self.request_cap:
             mid = req = req[:self.request_cap]
-            head[23] |= store.TRUNC_REQUEST
+            head[_TRUNC] |= store.TRUNC_REQUEST
         elif qsize >= self.delta_min:
             # An agent's next call resends the conversation: its session's last request is
             # the delta base (sessionless calls: the same agent/endpoint). The base is in this
@@ -332,12 +338,12 @@ class Recorder:
                     p, s = store.split_delta(prev[2], req)
                     if p + s >= (qsize >> 1) and p + s >= 256:  # worth it: most of the request is known
                         chain = prev[3]
-                        head[24], head[25] = p, s
+                        head[_PREFIX], head[_SUFFIX] = p, s
                         mid = req[p:qsize - s]
                         if pblk is blk:
-                            head[14] = -(prev[1] + 1)
+                            head[_BASE] = -(prev[1] + 1)
                         else:
-                            head[14] = (pblk.bid << store.ID_SHIFT) | prev[1]
+                            head[_BASE] = (pblk.bid << store.ID_SHIFT) | prev[1]
                             blk.bases.add(pblk.bid)
             if prev is not None:
                 self._last_bytes -= len(prev[2])
@@ -348,9 +354,9 @@ class Recorder:
                 self._last_bytes -= len(last.popitem(last=False)[1][2])
         if rec.session:
             blk.sessions.add(rec.session)
-        head[26] = blk.size
-        head[27] = len(mid)
-        head[28] = len(resp)
+        head[_REQ_OFF] = blk.size
+        head[_REQ_LEN] = len(mid)
+        head[_RESP_LEN] = len(resp)
         pending = blk.size - blk.flushed  # fed, still in zstd's buffer
         blk.size += len(mid) + len(resp)
         z, out = blk.z, blk.out
@@ -479,11 +485,11 @@ class Recorder:
                 os.sched_yield()  # offer the GIL now and then (~1 us; time.sleep(0) costs ~25 us)
             try:
                 provider = rec.provider
-                if head[7] is not None:
+                u = None if head[_IN] is None else (head[_IN], head[_OUT], head[_CACHED])
+                if u is not None:
                     key = (provider, rec.tenant, rec.model)
                     acc = tokens.get(key)
-                    tokens[key] = ((head[7], head[8], head[9]) if acc is None
-                                   else (acc[0] + head[7], acc[1] + head[8], acc[2] + head[9]))
+                    tokens[key] = u if acc is None else (acc[0] + u[0], acc[1] + u[1], acc[2] + u[2])
                 t = timing.get(provider)
                 if t is None:
                     t = timing[provider] = ([], [])
@@ -498,14 +504,13 @@ class Recorder:
                     for c in calls:
                         if c.get("decision") in BLOCKED:
                             blocked += 1
-                head[_HEAD_CALLS] = len(calls)
-                head[_HEAD_BLOCKED] = blocked
-                head[_HEAD_LIST] = calls
+                head[_N_CALLS] = len(calls)
+                head[_N_BLOCKED] = blocked
+                head[_CALLS] = calls
                 if self._audit_fd is not None and calls:
-                    audit.extend(self._audit_lines(rec, session_of(rec), head[16]))
+                    audit.extend(self._audit_lines(rec, session_of(rec), head[_PATH]))
                 if self._otel is not None:
                     try:
-                        u = None if head[7] is None else (head[7], head[8], head[9])
                         resp = rec.response_chunks[0] if rec.response_chunks else b""
                         self._otel.export(rec, u, session_of(rec), resp)
                     except Exception as e:
@@ -514,7 +519,7 @@ class Recorder:
                 self.failed += 1
                 metrics.dropped("record_error")
                 log.warning("trace record skipped: %s", type(e).__name__)
-                head[_HEAD_LIST] = head[_HEAD_LIST] or []
+                head[_CALLS] = head[_CALLS] or []
         for (provider, tenant, model), (i, o, c) in tokens.items():
             metrics.tokens(provider, tenant, model, i, o, c)
         for provider, (ttfb, dur) in timing.items():
