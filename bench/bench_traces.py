@@ -158,6 +158,36 @@ def bench_writer(tmp: str, shape: str, rate: float = 2000.0, n: int = 6000) -> d
             "stored_bytes_per_record": round(size / n), "dropped": r.dropped_full, "written": r.written}
 
 
+# -- pytest-benchmark (`make bench-micro`) --------------------------------------------------------
+
+def _bench_submit(benchmark, tmp_path, stream: bool) -> None:
+    r = Recorder(str(tmp_path / "bench.sqlite"), max_queue=10 ** 6)
+    req = make_body(stream)
+    body = b"".join(sse_events(64)) if stream else CHAT_COMPLETION
+    ctype = "text/event-stream" if stream else "application/json"
+    n = iter(range(10 ** 9))
+
+    def fresh():  # submit takes the record's bytes: one new record per round
+        rec = make_record(req, [body], ctype, i=next(n))
+        rec.model = ""  # as the relay leaves it for OpenAI: read from the body
+        return (rec,), {}
+
+    try:
+        benchmark.pedantic(r.submit, setup=fresh, rounds=3000, warmup_rounds=200)
+    finally:
+        r.close()
+
+
+def test_submit_nonstream(benchmark, tmp_path):
+    """Recorder.submit on the relay's loop: usage, model, zstd of a 2.3 KB request + 0.5 KB answer."""
+    _bench_submit(benchmark, tmp_path, stream=False)
+
+
+def test_submit_stream(benchmark, tmp_path):
+    """The same for a 64-event SSE answer (18 KB)."""
+    _bench_submit(benchmark, tmp_path, stream=True)
+
+
 # -- gateway -------------------------------------------------------------------------------------
 
 def thread_cpu_ns(pid: int) -> dict[str, int]:
