@@ -464,18 +464,18 @@ class Recorder:
             self._full.clear()
             self._hurry = False
             self._urgent = False
-            for blk in self._take():
-                self._n_out += len(blk.heads)
-                self._bytes_out += blk.held
-                self._process(blk)
+            self._drain()
             if self._con is not None and time.monotonic() >= next_retention:
                 self._retention()
                 next_retention = time.monotonic() + self.retention_every
-        for blk in self._take():  # (submits that raced the close)
+        self._drain()  # (submits that raced the close)
+        self._shutdown()
+
+    def _drain(self) -> None:
+        for blk in self._take():
             self._n_out += len(blk.heads)
             self._bytes_out += blk.held
             self._process(blk)
-        self._shutdown()
 
     def _process(self, blk: _Block) -> None:
         tokens, timing, audit = {}, {}, []

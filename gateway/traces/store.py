@@ -271,10 +271,9 @@ def insert_batch(con: sqlite3.Connection, heads: list, body: bytes, sessions, ba
     first = min(h[0] for h in heads)
     last = max(h[0] for h in heads)
     hblob = pack(_encode(heads))
-    bblob = body
     with _immediate(con):
         bid = con.execute("INSERT INTO batches (first, last, n, heads, body) VALUES (?, ?, ?, ?, ?)",
-                          (first, last, len(heads), hblob, bblob)).lastrowid
+                          (first, last, len(heads), hblob, body)).lastrowid
         _link(con, bid, sessions, bases)
     return bid
 
