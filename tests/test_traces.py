@@ -550,6 +550,20 @@ def test_writer_takes_a_batch_early_when_bodies_pile_up(tmp_store):
         r.close()
 
 
+def test_malformed_record_is_counted_not_raised(tmp_store):
+    """A record submit cannot read (here a response chunk that is not bytes) is dropped and
+    counted as record_error; the relay's call does not raise and the next call is stored."""
+    before = sample("sidegate_trace_records_dropped_total", {"reason": "record_error"})
+    r = Recorder(tmp_store)
+    r.submit(record_for("openai-chat/oai-text.sse", response_chunks=[None]))
+    r.submit(record_for("openai-chat/oai-text.sse"))
+    assert r.flush(5)
+    r.close()
+    assert r.failed == 1 and r.submitted == 1 and r.written == 1
+    assert sample("sidegate_trace_records_dropped_total", {"reason": "record_error"}) - before == 1
+    assert store.count(store.open_reader(tmp_store)) == 1
+
+
 def test_store_errors_are_counted_not_raised(tmp_path):
     path = tmp_path / "not-a-db.sqlite"
     path.write_bytes(b"this is not sqlite" * 100)
