@@ -13,10 +13,13 @@ import json
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sidegate_codecs.eventstream import EventStreamDecoder, encode_message
 
 from gateway.dialects import bedrock as bedrock_dialect
 from gateway.dialects import gemini as gemini_dialect
+from gateway.dialects._shared import last_event_end
 from gateway.governance import bedrock_converse as conv
 from gateway.governance import gemini as gem
 from gateway.governance.base import Verdict
@@ -637,3 +640,37 @@ def test_vertex_client_reads_denied_partial_call(srv):
     marker = "[SIDEGATE ESCALATED] escalation=esc_123 tool=cookRecipe reason=recipes need review"
     assert got == sdk.Outcome([], marker, "STOP")
     assert parts[0].thought_signature  # kept on the text part: no other call in the step
+
+
+# -- framing helper -----------------------------------------------------------------------
+
+def _last_event_end_reference(buf: bytes) -> int:
+    """Every blank-line ending, searched over the whole buffer."""
+    return max([buf.rfind(sep) + len(sep) for sep in (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")
+                if buf.rfind(sep) >= 0] or [0])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b"data: x"]), max_size=40), st.data())
+def test_last_event_end_matches_a_whole_buffer_search(parts, data):
+    # It looks for each ending past the best one found so far only: same answer, for any
+    # buffer and any stop.
+    buf = b"".join(parts)
+    stop = data.draw(st.integers(0, len(buf)))
+    assert last_event_end(buf) == _last_event_end_reference(buf)
+    assert last_event_end(buf, stop) == _last_event_end_reference(buf[:stop])
+
+
+def test_whole_stream_in_one_chunk_passes_its_text_events_as_one_piece():
+    # The events before the first call leave as the chunk's own prefix (the decoder only
+    # counts them); the call's event on is governed as when fed event by event.
+    data = gemini_parallel_stream()
+    cut = data.rfind(b"\r\n\r\n", 0, data.find(b'"functionCall')) + 4
+    assert cut > 4
+    whole = _gem()
+    out = whole.feed(data)
+    while whole.pending:
+        out += whole.resolve([deny("no") for _ in whole.pending])
+    out += whole.close()
+    assert out.startswith(data[:cut]) and b'"functionCall"' not in out
+    assert out == run(_gem(), data, Script(default=deny("no")), seed=3)

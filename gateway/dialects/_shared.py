@@ -8,16 +8,21 @@ When chunks end on event boundaries (the usual case) the chunk object itself goe
 
 from __future__ import annotations
 
-# Blank-line endings of an SSE event (WHATWG: a line end followed by an empty line).
-_ENDS = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n", b"\r\n\n")
+# Blank-line endings of an SSE event (WHATWG: a line end followed by an empty line), the
+# usual ones first.
+_ENDS = (b"\r\n\r\n", b"\n\n", b"\r\r", b"\n\r\n", b"\r\n\n")
 
 
-def last_event_end(buf: bytes) -> int:
-    """Offset just past the last complete SSE event in `buf`, or 0."""
+def last_event_end(buf: bytes, stop: int | None = None) -> int:
+    """Offset just past the last complete SSE event in `buf[:stop]`, or 0."""
+    if stop is None:
+        stop = len(buf)
     end = 0
     for sep in _ENDS:
-        i = buf.rfind(sep)
-        if i >= 0 and i + len(sep) > end:
+        # Only an end past the one found can change the answer: the endings a stream does
+        # not use are looked for in its last bytes, not in the whole buffer.
+        i = buf.rfind(sep, max(0, end - len(sep) + 1), stop)
+        if i >= 0:
             end = i + len(sep)
     return end
 

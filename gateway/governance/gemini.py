@@ -550,9 +550,18 @@ class _SSEGovernor(Governor):
             if not end:
                 return b""
             buf = buf[:end]
-        if self._primed and not self._slowpath and not self._queue and not self.pending \
-                and b'"functionCall' not in buf:
-            return buf
+        if not self._slowpath and not self._queue and not self.pending:
+            p = buf.find(b'"functionCall')
+            if p < 0 and self._primed:
+                return buf
+            # The whole events before the first that may carry a call go out as one piece,
+            # as `on_event` would pass each of them; the decoder only counts their bytes
+            # (the stream's first event among them). A whole stream in one chunk then costs
+            # one search, not a decode of every event.
+            head = len(buf) if p < 0 else last_event_end(buf, p)
+            if head and self.decoder.skip(buf if head == len(buf) else buf[:head], True):
+                self._primed = True
+                return buf if head == len(buf) else buf[:head] + Governor.feed(self, buf[head:])
         return Governor.feed(self, buf)
 
     def close(self) -> bytes:
