@@ -30,6 +30,7 @@ import re
 import msgspec
 from sidegate_codecs.sse import SSEDecoder
 
+from ..dialects._shared import last_event_end
 from ..dialects.anthropic import stream_error
 from .base import ALLOW, EventGovernor, ToolCall, Verdict
 
@@ -251,11 +252,18 @@ class Governor(AnthropicEventGovernor):
         super().__init__(SSEDecoder(), enforce, stream_error)
 
     def feed(self, chunk: bytes) -> bytes:
-        # Fast path: outside a tool block, a chunk of whole events without "tool_use" is
-        # what `on_event` would pass event by event; the decoder only counts its bytes.
-        if self._open is None and NEEDLE not in chunk and not self._queue and not self.pending \
-                and not self._closed and not self._dead and self.decoder.skip(chunk):
-            return chunk
+        # Fast path: outside a tool block, the whole events before the first "tool_use" are
+        # what `on_event` would pass event by event; the decoder only counts their bytes
+        # (the stream's first event among them). Only the rest is decoded.
+        if self._open is None and not self._queue and not self.pending and not self._closed and not self._dead:
+            p = chunk.find(NEEDLE)
+            if p < 0:
+                if self.decoder.skip(chunk, True):
+                    return chunk
+            else:
+                head = last_event_end(chunk, p)
+                if head and self.decoder.skip(chunk[:head], True):
+                    return chunk[:head] + EventGovernor.feed(self, chunk[head:])
         return EventGovernor.feed(self, chunk)
 
     def on_event(self, ev) -> bytes:

@@ -31,6 +31,7 @@ import msgspec
 from sidegate_codecs import SSEDecoder
 
 from ..dialects import openai as _dialect
+from ..dialects._shared import last_event_end
 from .base import EventGovernor, ToolCall, Verdict
 from .openai_chat import as_text as _text
 from .openai_chat import body_to_rewrite, load_body, one_event
@@ -157,13 +158,18 @@ class Governor(EventGovernor):
     # -- events -------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
         if not self._queue and not self.pending and not self._closed and not self._dead:
-            if not self._open and not self._held and not self._shift and not self._denied \
-                    and _MAYBE_CALL not in chunk:
+            idle = not self._open and not self._held and not self._shift and not self._denied
+            p = chunk.find(_MAYBE_CALL) if idle else 0
+            if p < 0:
                 # Fast path: the test `on_event` starts with, on a chunk of whole events at
-                # once; the decoder only counts their bytes.
-                if self.decoder.skip(chunk):
+                # once; the decoder only counts their bytes (the stream's first event too).
+                if self.decoder.skip(chunk, True):
                     return chunk
             else:
+                # The same for the whole events before the first that may carry a call.
+                head = last_event_end(chunk, p) if p else 0
+                if head and self.decoder.skip(chunk[:head], True):
+                    return chunk[:head] + EventGovernor.feed(self, chunk[head:])
                 # One whole event of the usual spelling: straight to `on_event`, without the
                 # decoder's and `EventGovernor.feed`'s loops (what they would do with it).
                 ev = one_event(chunk)
