@@ -30,7 +30,6 @@ import re
 import msgspec
 from sidegate_codecs.sse import SSEDecoder
 
-from ..dialects._shared import last_event_end
 from ..dialects.anthropic import stream_error
 from .base import ALLOW, EventGovernor, ToolCall, Verdict
 
@@ -256,14 +255,9 @@ class Governor(AnthropicEventGovernor):
         # what `on_event` would pass event by event; the decoder only counts their bytes
         # (the stream's first event among them). Only the rest is decoded.
         if self._open is None and not self._queue and not self.pending and not self._closed and not self._dead:
-            p = chunk.find(NEEDLE)
-            if p < 0:
-                if self.decoder.skip(chunk, True):
-                    return chunk
-            else:
-                head = last_event_end(chunk, p)
-                if head and self.decoder.skip(chunk[:head], True):
-                    return chunk[:head] + EventGovernor.feed(self, chunk[head:])
+            out = self._pass_sse_events(chunk, chunk.find(NEEDLE), EventGovernor.feed)
+            if out is not None:
+                return out
         return EventGovernor.feed(self, chunk)
 
     def on_event(self, ev) -> bytes:

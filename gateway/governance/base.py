@@ -5,6 +5,8 @@ from __future__ import annotations
 import msgspec
 from sidegate_codecs.errors import CodecError
 
+from ..dialects._shared import last_event_end
+
 ALLOW, DENY, ESCALATE = "allow", "deny", "escalate"
 
 
@@ -104,6 +106,18 @@ class EventGovernor:
         """Handle `ev` again after the calls now pending are resolved (an event that ends
         an unterminated tool block belongs behind that block's verdict)."""
         self._queue.insert(0, ev)
+
+    def _pass_sse_events(self, chunk: bytes, p: int, rest) -> bytes | None:
+        """SSE governors' fast path: the whole events of `chunk` before offset `p` (all of
+        it when p < 0) go out as they came, as `on_event` would pass each of them while no
+        call is open; the decoder only counts their bytes (the stream's first event among
+        them). `rest(self, tail)` governs the bytes after them. None: there are no such
+        events, or the decoder cannot skip them; nothing was consumed."""
+        n = len(chunk)
+        head = n if p < 0 else last_event_end(chunk, p)
+        if not head or not self.decoder.skip(chunk if head == n else chunk[:head], True):
+            return None
+        return chunk if head == n else chunk[:head] + rest(self, chunk[head:])
 
     # -- driven by the relay ----------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:

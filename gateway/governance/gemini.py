@@ -558,10 +558,10 @@ class _SSEGovernor(Governor):
             # as `on_event` would pass each of them; the decoder only counts their bytes
             # (the stream's first event among them). A whole stream in one chunk then costs
             # one search, not a decode of every event.
-            head = len(buf) if p < 0 else last_event_end(buf, p)
-            if head and self.decoder.skip(buf if head == len(buf) else buf[:head], True):
+            out = self._pass_sse_events(buf, p, Governor.feed)
+            if out is not None:
                 self._primed = True
-                return buf if head == len(buf) else buf[:head] + Governor.feed(self, buf[head:])
+                return out
         return Governor.feed(self, buf)
 
     def close(self) -> bytes:

@@ -31,7 +31,6 @@ import msgspec
 from sidegate_codecs import SSEDecoder
 
 from ..dialects import openai as _dialect
-from ..dialects._shared import last_event_end
 from .base import EventGovernor, ToolCall, Verdict
 from .openai_chat import as_text as _text
 from .openai_chat import body_to_rewrite, load_body, one_event
@@ -159,17 +158,13 @@ class Governor(EventGovernor):
     def feed(self, chunk: bytes) -> bytes:
         if not self._queue and not self.pending and not self._closed and not self._dead:
             idle = not self._open and not self._held and not self._shift and not self._denied
+            # Fast path: the test `on_event` starts with, on the whole events before the
+            # first that may carry a call (all of the chunk when none may).
             p = chunk.find(_MAYBE_CALL) if idle else 0
-            if p < 0:
-                # Fast path: the test `on_event` starts with, on a chunk of whole events at
-                # once; the decoder only counts their bytes (the stream's first event too).
-                if self.decoder.skip(chunk, True):
-                    return chunk
-            else:
-                # The same for the whole events before the first that may carry a call.
-                head = last_event_end(chunk, p) if p else 0
-                if head and self.decoder.skip(chunk[:head], True):
-                    return chunk[:head] + EventGovernor.feed(self, chunk[head:])
+            out = self._pass_sse_events(chunk, p, EventGovernor.feed)
+            if out is not None:
+                return out
+            if p >= 0:
                 # One whole event of the usual spelling: straight to `on_event`, without the
                 # decoder's and `EventGovernor.feed`'s loops (what they would do with it).
                 ev = one_event(chunk)
