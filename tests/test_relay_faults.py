@@ -23,6 +23,13 @@ def dead_gateway():
 
 
 @pytest.fixture(scope="module")
+def patient_gateway(fake):
+    """Upstream timeouts far beyond the tests' waits: only the client's leaving can end a call."""
+    with Gateway(fake.url, env={"SIDEGATE_READ_TIMEOUT": "60", "SIDEGATE_TOTAL_TIMEOUT": "120"}) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
 def fast_timeout_gateway(fake):
     with Gateway(fake.url, env={"SIDEGATE_READ_TIMEOUT": "0.5", "SIDEGATE_TOTAL_TIMEOUT": "10"}) as gw:
         yield gw
@@ -180,13 +187,38 @@ def test_client_disconnect_cancels_upstream_and_pool_stays_healthy(gateway, upst
     assert out.stop_reason == "stop"
 
 
-def test_client_disconnect_before_upstream_answers(gateway, upstream):
-    upstream.enqueue(Reply(delay_before_headers=30, body=b"{}"))
-    c = RawClient("127.0.0.1", gateway.port, timeout=10).connect()
+def _post_and_wait(gw, upstream, n: int) -> RawClient:
+    c = RawClient("127.0.0.1", gw.port, timeout=10).connect()
     c.send(b"POST /v1/anthropic/v1/messages HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}")
-    upstream.wait_requests(1)
+    upstream.wait_requests(n)
+    return c
+
+
+def test_client_disconnect_before_upstream_answers(patient_gateway, upstream):
+    # The upstream timeouts cannot end the call here (patient_gateway): only the watcher can.
+    # (Other gateways of the session may hold idle pooled connections: counts are relative.)
+    base = upstream.active_connections
+    upstream.enqueue(Reply(delay_before_headers=30, body=b"{}"))
+    c = _post_and_wait(patient_gateway, upstream, 1)
+    assert upstream.wait_active_connections(base + 1) == base + 1
     c.abort()
-    assert upstream.wait_active_connections(0, timeout=3) == 0
+    assert upstream.wait_active_connections(base) == base
+
+
+def test_client_disconnect_while_other_requests_are_in_flight(patient_gateway, upstream):
+    # Two calls waiting on the upstream: each is cancelled by its own client's leaving only.
+    base = upstream.active_connections
+    upstream.enqueue(Reply(delay_before_headers=30, body=b"{}"))
+    upstream.enqueue(Reply(delay_before_headers=30, body=b"{}"))
+    first = _post_and_wait(patient_gateway, upstream, 1)
+    second = _post_and_wait(patient_gateway, upstream, 2)
+    assert upstream.wait_active_connections(base + 2) == base + 2
+    second.abort()
+    assert upstream.wait_active_connections(base + 1) == base + 1
+    time.sleep(0.3)  # (the first call, whose client stays, goes on)
+    assert upstream.active_connections == base + 1
+    first.abort()
+    assert upstream.wait_active_connections(base) == base
 
 
 def test_request_body_too_large_is_413(fake):
