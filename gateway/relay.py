@@ -232,7 +232,11 @@ class Relay:
         # than the task and the pending receive() (or a timer per request). A client that
         # left earlier is seen as soon as it starts (receive() then returns the disconnect).
         # A whole-body answer gets it at once: with a receive() pending from the start,
-        # granian serves those for less (measured: -8 us per request at 16 connections).
+        # granian serves those for less (measured: -4 to -10 us per request at 16
+        # connections). At 1 connection the pending receive() costs ~7 thread switches
+        # per request (granian resolves it when the answer ends: tokio task, GIL, loop
+        # wake) and ~16 us of CPU, but it keeps granian's blocking thread awake for the
+        # next request: p50 is ~13 us better with it (bench/RESULTS.md, run K notes).
         loop = self._loop  # (given: asyncio's own lookup of the running loop costs a getpid())
         watch = _Watch(receive, asyncio.current_task(loop), self._sweeps)
         inflight = self._inflight
