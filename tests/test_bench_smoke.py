@@ -30,7 +30,10 @@ def test_bench_quick_every_target_starts_and_answers(tmp_path):
         for point, reps in points.items():
             for r in reps:
                 assert not r.get("error") and r.get("errors", 0) == 0, (target, point, r.get("error"), r.get("errors"))
-                assert r.get("requests", 0) > 0, (target, point)
+                # Answered: a slow target (LiteLLM streams take ~1 s each at 16 concurrent)
+                # may finish its streams only in the warm-up or the grace period of a
+                # --quick point, none inside the recorded window.
+                assert max(r.get("requests", 0), r.get("completed_all", 0)) > 0, (target, point, r)
     report = (out / "report.md").read_text()
     assert "## Budgets" in report and "sidegate enforce" in report
 
