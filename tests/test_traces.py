@@ -631,37 +631,6 @@ def test_retention_by_age_runs_at_writer_start(tmp_store):
     assert store.count(con) == 1
 
 
-_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=False),
-                     st.text(max_size=40))
-
-
-@settings(max_examples=80, deadline=None)
-@given(st.integers(0, 5 * store.HEADS_SLICE), st.lists(st.lists(_SCALARS, max_size=6), min_size=1, max_size=8))
-def test_heads_encoded_in_slices_equal_one_encoding(n, pool):
-    heads = [pool[i % len(pool)] for i in range(n)]
-    assert store.encode_heads(heads) == store._encode(heads)
-
-
-def test_heads_encoded_in_slices_at_the_slice_and_header_bounds():
-    k = store.HEADS_SLICE
-    for n in (0, 1, 15, 16, k - 1, k, k + 1, 2 * k, 2 * k + 15, 2 * k + 16, 65535, 65536, 70001):
-        heads = [[i, "x", None] for i in range(n)]
-        assert store.encode_heads(heads) == store._encode(heads), n
-
-
-def test_a_block_of_many_calls_reads_back_call_by_call(tmp_store):
-    r = Recorder(tmp_store)
-    recs = [record_for("openai-chat/oai-text.sse", session=f"s{i % 5}") for i in range(3 * store.HEADS_SLICE + 7)]
-    for rec in recs:
-        r.submit(handover(rec))
-    assert r.flush()
-    r.close()
-    con = store.open_reader(tmp_store)
-    rows = list(store.calls(con))
-    assert [row["traceparent"] for row in rows] == [rec.traceparent for rec in recs]
-    assert con.execute("SELECT COUNT(*) FROM batches").fetchone()[0] < len(recs) // store.HEADS_SLICE
-
-
 def test_retention_by_size(tmp_store):
     rng = random.Random(5)
     r = Recorder(tmp_store, retention_days=0, max_bytes=0)

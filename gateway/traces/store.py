@@ -263,27 +263,6 @@ def _unlink(con: sqlite3.Connection, bids: list[int]) -> None:
     con.execute(f"DELETE FROM deps WHERE batch IN ({marks})", bids)
 
 
-HEADS_SLICE = 32  # heads per msgpack call in encode_heads
-
-
-def encode_heads(heads: list) -> bytes:
-    """`_encode(heads)`, made in slices with the GIL offered between them. The trace writer
-    encodes a block's ~300-1,000 heads; in one call that held the GIL ~130 us, and the
-    worker's event loop waited that long whenever a request arrived meanwhile (loop-stall
-    test: bench/RESULTS.md, run K notes). A msgpack array is its header, then its items, so
-    the slices' own headers are dropped."""
-    n = len(heads)
-    if n <= HEADS_SLICE:
-        return _encode(heads)
-    parts = [b"\xdc" + n.to_bytes(2, "big") if n < 65536 else b"\xdd" + n.to_bytes(4, "big")]
-    for i in range(0, n, HEADS_SLICE):
-        if i:
-            os.sched_yield()  # (releases the GIL, ~1 us)
-        b = _encode(heads[i:i + HEADS_SLICE])
-        parts.append(b[1:] if b[0] < 0xa0 else b[3:] if b[0] == 0xdc else b[5:])  # fixarray, array16, array32
-    return b"".join(parts)
-
-
 def insert_batch(con: sqlite3.Connection, heads: list, body: bytes, sessions, bases) -> int:
     """Store one batch row: `heads` are lists in Head order, `body` the packed bytes (see
     pack) their offsets point into; `sessions` the agent sessions among them, `bases` the
@@ -291,7 +270,7 @@ def insert_batch(con: sqlite3.Connection, heads: list, body: bytes, sessions, ba
     taken. Returns the batch id (call i is `id << ID_SHIFT | i`)."""
     first = min(h[0] for h in heads)
     last = max(h[0] for h in heads)
-    hblob = pack(encode_heads(heads))
+    hblob = pack(_encode(heads))
     with _immediate(con):
         bid = con.execute("INSERT INTO batches (first, last, n, heads, body) VALUES (?, ?, ?, ?, ?)",
                           (first, last, len(heads), hblob, body)).lastrowid
