@@ -48,3 +48,20 @@ def test_quiet_slices_leave_out_the_disturbed_ones():
     assert [s["foreign_cpu_pct"] for s in quiet_slices(slices)] == [0.0, 0.2, 0.9]
     one = [{"foreign_cpu_pct": 5.0}]
     assert quiet_slices(one) == one
+
+
+def test_bench_inproc_runs_every_variant_and_its_ablations_take_effect():
+    """bench.inproc (the in-process CPU split): every variant answers 200 in both shapes, and
+    each ablation removes what it says: without governance the denied call goes through
+    (as through the floor), with it every answer carries the denial marker."""
+    p = subprocess.run([sys.executable, "-m", "bench.inproc", "--requests", "40", "--rounds", "1", "--passes", "1", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = {(r["shape"], r["variant"]): r for r in json.loads(p.stdout.strip().splitlines()[-1])}
+    assert len(res) == 10
+    for (shape, variant), r in res.items():
+        assert r["statuses"] == [200] and r["bytes_per_request"] > 0 and r["cpu_us"] > 0, (shape, variant, r)
+        governed = shape == "json-denied" and variant in ("sidegate", "no-record")
+        assert r["denied"] == (40 if governed else 0), (shape, variant, r)
+    # the stream shape is relayed untouched by every variant: the same bytes per request
+    assert len({r["bytes_per_request"] for (shape, _), r in res.items() if shape == "stream"}) == 1
