@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,7 +128,10 @@ def _child(variant: str, shape: str, mock: int, requests: int, rounds: int) -> d
         return {"variant": variant, "shape": shape, "cpu_us": round(best_cpu, 1), "loop_us": round(best_loop, 1),
                 "statuses": sorted(seen["statuses"]), "bytes_per_request": seen["bytes"] // max(1, requests), "denied": seen["denied"]}
 
-    return uvloop.run(main())
+    try:
+        return uvloop.run(main())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run(shapes, variants, requests: int, rounds: int, passes: int, log=print) -> list[dict]:
