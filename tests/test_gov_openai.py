@@ -469,6 +469,65 @@ def test_chat_marker_newline_only_after_text():
     assert text == deny("x").text("a") + "\n" + deny("x").text("b")
 
 
+@pytest.mark.parametrize("split", ["one event per chunk", "whole", "random 1", "random 2", "random 3"])
+def test_chat_marker_starts_a_new_line_after_the_choices_text(split):
+    """The text events before a denied call pass untouched (one event per chunk, as the
+    network delivers them, or several per chunk); the marker written later starts on a new
+    line in a choice that had text, and not in one whose content was only empty."""
+    frames = [
+        chunk([delta(0, role="assistant", content=""), delta(1, role="assistant", content="")]),
+        chunk([delta(0, content="Let me check.")]),
+        chunk([delta(0, content=" Running it now.")]),
+        chunk([delta(1, content="")]),
+        chunk([delta(0, tool_calls=[tc(0, '{"x":1}', "a", "c1")]), delta(1, tool_calls=[tc(0, "{}", "b", "c2")])]),
+        chunk([delta(0, "tool_calls"), delta(1, "tool_calls")]),
+        DONE,
+    ]
+    body = b"".join(frames)
+    pieces = frames if split == "one event per chunk" else split_random(body, None if split == "whole" else int(split[-1]))
+    gov = chat.Governor("/v1/openai/chat/completions", "text/event-stream", True)
+    out = run_governor(gov, pieces, always(deny("x")))
+    texts = {0: "", 1: ""}
+    for e in events(out):
+        for c in e["choices"]:
+            texts[c["index"]] += c["delta"].get("content") or ""
+    assert texts == {0: "Let me check. Running it now.\n" + deny("x").text("a"), 1: deny("x").text("b")}
+    # the text events left as they arrived
+    assert out.startswith(b"".join(frames[:4]))
+
+
+@pytest.mark.parametrize("choice1", ["no text", "spaced", "in choice 0's chunk"])
+def test_chat_marker_new_line_after_more_text_than_is_kept_for_noting(choice1):
+    """Over chat._DEFER_MAX bytes of text events pass before the denied calls: their text
+    choices are noted on the way (all at once while the compact pattern accounts for every
+    "content" key, else event by event), and the markers still start where they should,
+    also when choice 1's only text is spelled with spaces or shares a chunk with choice 0
+    (the pattern sees neither)."""
+    frames = [chunk([delta(0, role="assistant", content=""), delta(1, role="assistant", content="")])]
+    frames += [chunk([delta(0, content=f"word {i} ")]) for i in range(chat._DEFER_MAX // 150)]
+    if choice1 == "spaced":
+        obj = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [delta(1, content="odd")]}
+        frames.append(b"data: " + json.dumps(obj).encode() + b"\n\n")
+    elif choice1 == "in choice 0's chunk":
+        frames.append(chunk([delta(0, content="and "), delta(1, content="odd")]))
+    frames += [chunk([delta(0, content="last ")])] * 3
+    frames += [
+        chunk([delta(0, tool_calls=[tc(0, "{}", "a", "c1")]), delta(1, tool_calls=[tc(0, "{}", "b", "c2")])]),
+        chunk([delta(0, "tool_calls"), delta(1, "tool_calls")]),
+        DONE,
+    ]
+    assert sum(map(len, frames)) > chat._DEFER_MAX
+    gov = chat.Governor("/v1/openai/chat/completions", "text/event-stream", True)
+    out = run_governor(gov, frames, always(deny("x")))
+    texts = {0: "", 1: ""}
+    for e in events(out):
+        for c in e["choices"]:
+            texts[c["index"]] += c["delta"].get("content") or ""
+    assert texts[0].endswith("last last last \n" + deny("x").text("a"))
+    assert texts[1] == ("" if choice1 == "no text" else "odd\n") + deny("x").text("b")
+
+
 # =====================================================================================
 # chat completions, non-streaming
 # =====================================================================================

@@ -39,8 +39,9 @@ from .base import EventGovernor, ToolCall, Verdict
 __all__ = ["Governor", "extract", "rewrite"]
 
 _TOOL_CALLS = b'"tool_calls"'
-_TEXT = b'"content":"'
 _NO_TEXT = b'"content":""'
+_NULL_TEXT = b'"content":null'
+_CONTENT = b'"content"'  # (a JSON string value cannot hold it: its quotes would be escaped)
 _FRAGMENT = b'"tool_calls":['  # in every fragment frame (as compact JSON spells it): worth decoding
 # the usual spelling of a one-choice chunk with text: {"choices":[{"index":N,"delta":{"content":"x...
 _CHOICE_TEXT = re.compile(rb'"choices":\[\{"index":(\d+),"delta":\{(?:"role":"assistant",)?"content":"[^"]')
@@ -270,15 +271,15 @@ class Governor(EventGovernor):
         # Fast paths for a chunk that is one whole single-line LF-framed event
         # (`data: ...\n\n`), the way the network usually delivers them; each does what
         # `EventGovernor.feed` -> `on_event` would do with it, and the decoder only counts
-        # its bytes. Idle and without "tool_calls": it passes (its text choice noted).
+        # its bytes. Idle and without "tool_calls": it passes, and its text choice is noted
+        # only if a marker comes to need it (`_defer`).
         n = len(chunk)
         if chunk.find(b"\n") == n - 2 and chunk.endswith(b"\n\n") and b"\r" not in chunk \
                 and not self._queue and not self.pending and not self._closed and not self._dead:
             if self._idle and _TOOL_CALLS not in chunk:
-                m = _CHOICE_TEXT.search(chunk)
-                if (m is not None or _TEXT not in chunk) and self.decoder.skip(chunk):
-                    if m is not None:
-                        self._texted.add(m.group(1))
+                if type(chunk) is bytes and self.decoder.skip(chunk):
+                    if self.enforce:
+                        self._defer(chunk)
                     return chunk
             elif n > 2 and type(chunk) is bytes and chunk.startswith(b"data: "):
                 # The same kind of event, which may be part of a tool call. Fast path: one
@@ -329,35 +330,42 @@ class Governor(EventGovernor):
         if b"\r" in head or not self.decoder.skip(head, True):
             return None
         if self.enforce:  # (observe mode writes no marker: nothing to note)
-            d = self._deferred
-            if d is None:
-                d = self._deferred = []
-            d.append(head)
-            self._deferred_size += len(head)
-            if self._deferred_size > _DEFER_MAX:
-                self._note_deferred()
+            self._defer(head)
         if end == n:
             return chunk
         return head + EventGovernor.feed(self, chunk[end:])
+
+    def _defer(self, head: bytes) -> None:
+        """Keep passed text events (whole LF-framed events, bytes) for noting their text
+        choices later: only a marker reads them (`_has_text`), and most streams write none.
+        Noted at once when they add up to _DEFER_MAX bytes."""
+        d = self._deferred
+        if d is None:
+            d = self._deferred = []
+        d.append(head)
+        self._deferred_size += len(head)
+        if self._deferred_size > _DEFER_MAX:
+            self._note_deferred()
 
     def _note_deferred(self) -> None:
         """Note the text choices of the deferred bulk text, as `on_event` notes them event by
         event: every `"content":"` an empty one or the start of a match of the pattern (one
         findall), else each event the way `on_event` does."""
         heads, self._deferred, self._deferred_size = self._deferred or (), None, 0
+        if len(heads) > 1:  # (events passed one by one: one findall over them all)
+            joined = b"".join(heads)
+            texts = _CHOICE_TEXT.findall(joined)
+            if not _unseen_text(joined, len(texts)):
+                self._texted.update(texts)
+                return
         for head in heads:
             texts = _CHOICE_TEXT.findall(head)
-            if len(texts) + head.count(_NO_TEXT) == head.count(_TEXT):
+            if not _unseen_text(head, len(texts)):
                 self._texted.update(texts)
                 continue
             dec = SSEDecoder()
             for ev in dec.feed(head) + dec.close():
-                raw = ev.raw
-                m = _CHOICE_TEXT.search(raw)
-                if m is not None:
-                    self._texted.add(m.group(1))
-                elif _TEXT in raw:
-                    self._note_text(ev)
+                self._note_event(ev)
 
     def _has_text(self, index) -> bool:
         """Whether choice `index` had text before now."""
@@ -422,17 +430,23 @@ class Governor(EventGovernor):
     def on_event(self, ev) -> bytes:
         raw = ev.raw
         if self._idle and _TOOL_CALLS not in raw:
-            # note which choices have text: a marker then starts on a new line
-            m = _CHOICE_TEXT.search(raw)
-            if m is not None:
-                self._texted.add(m.group(1))
-            elif _TEXT in raw:
-                self._note_text(ev)
+            self._note_event(ev)  # a marker then starts on a new line
             return raw
         return self._slow(ev)
 
+    def _note_event(self, ev) -> None:
+        """Note the text choices of one event without a call: by the pattern, or by decoding
+        the event when the pattern does not account for every "content" key in it."""
+        raw = ev.raw
+        m = _CHOICE_TEXT.search(raw)
+        if m is not None:
+            self._texted.add(m.group(1))
+        if _unseen_text(raw, m is not None):
+            self._note_text(ev)
+
     def _note_text(self, ev) -> None:
-        """The same as the fast path's pattern, for any other spelling of the chunk."""
+        """What the pattern notes, for a chunk it does not fully account for (another
+        spelling, several choices in one chunk)."""
         try:
             chunk = _chunk_decoder.decode(ev.data)
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -815,6 +829,13 @@ def _decided(calls) -> bool:
         if c.verdict is None:
             return False
     return True
+
+
+def _unseen_text(buf: bytes, matched: int) -> bool:
+    """Whether `buf` may hold text that `matched` matches of _CHOICE_TEXT did not see: a
+    "content" key that is none of them, nor an empty or null content, compactly spelled
+    (`"content": "..."` with a space, a second choice in the chunk, logprobs' "content")."""
+    return buf.count(_CONTENT) != matched + buf.count(_NO_TEXT) + buf.count(_NULL_TEXT)
 
 
 def _none_left(st: _ChoiceState) -> bool:
