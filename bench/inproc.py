@@ -165,16 +165,23 @@ def run(shapes, variants, requests: int, rounds: int, passes: int, log=print) ->
 
 
 def table(results: list[dict]) -> str:
-    by = {(r["shape"], r["variant"]): r for r in results}
+    by = {(r["shape"], r["variant"]): r["cpu_us"] for r in results}
+
+    def cell(v) -> str:
+        return "–" if v is None else f"{v:.1f}"
+
+    def diff(a, b):
+        return None if a is None or b is None else a - b
+
     lines = ["| shape | floor | sidegate | − trace record | − governance | − both | record ≈ | governance ≈ | rest of the relay ≈ |",
              "|---|---|---|---|---|---|---|---|---|"]
     for shape in SHAPES:
-        c = {v: by[(shape, v)]["cpu_us"] for v in VARIANTS if (shape, v) in by}
-        if len(c) < len(VARIANTS):
+        c = {v: by.get((shape, v)) for v in VARIANTS}
+        if all(x is None for x in c.values()):
             continue
-        lines.append(f"| {shape} | {c['floor']:.1f} | {c['sidegate']:.1f} | {c['no-record']:.1f} | {c['no-governance']:.1f} "
-                     f"| {c['neither']:.1f} | {c['sidegate'] - c['no-record']:.1f} | {c['sidegate'] - c['no-governance']:.1f} "
-                     f"| {c['neither'] - c['floor']:.1f} |")
+        lines.append("| " + " | ".join([shape] + [cell(c[v]) for v in VARIANTS] + [
+            cell(diff(c["sidegate"], c["no-record"])), cell(diff(c["sidegate"], c["no-governance"])),
+            cell(diff(c["neither"], c["floor"]))]) + " |")
     return "\n".join(lines)
 
 
