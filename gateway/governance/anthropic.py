@@ -31,7 +31,7 @@ import msgspec
 from sidegate_codecs.sse import SSEDecoder
 
 from ..dialects.anthropic import stream_error
-from .base import ALLOW, EventGovernor, ToolCall, Verdict
+from .base import ALLOW, ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_call
 
 __all__ = ["AnthropicEventGovernor", "Governor", "extract", "rewrite"]
 
@@ -255,7 +255,7 @@ class Governor(AnthropicEventGovernor):
         # what `on_event` would pass event by event; the decoder only counts their bytes
         # (the stream's first event among them). Only the rest is decoded.
         if self._open is None and not self._queue and not self.pending and not self._closed and not self._dead:
-            out = self._pass_sse_events(chunk, chunk.find(NEEDLE), EventGovernor.feed)
+            out = self._pass_sse_events(chunk, first_hint(chunk, NEEDLE), EventGovernor.feed)
             if out is not None:
                 return out
         return EventGovernor.feed(self, chunk)
@@ -263,7 +263,7 @@ class Governor(AnthropicEventGovernor):
     def on_event(self, ev) -> bytes:
         if self._open is None:
             raw = ev.raw
-            if NEEDLE not in raw:
+            if NEEDLE not in raw and (b"\\" not in raw or ESCAPED not in raw):
                 return raw
             return self._outside(ev, sse_data(ev))
         return self._inside(ev, sse_data(ev))
@@ -279,7 +279,7 @@ class Governor(AnthropicEventGovernor):
 # -- non-streaming: the `message` JSON body ----------------------------------------------
 
 def extract(path: str, body: bytes) -> list[ToolCall]:
-    if NEEDLE not in body:
+    if not may_call(body, NEEDLE):
         return []
     try:
         msg = _message_dec.decode(body)

@@ -57,6 +57,28 @@ class Verdict:
 
 
 _decoder = msgspec.json.Decoder()
+
+# A JSON escape of an ASCII character. A parser (the agent's SDK) reads "tool\u005fuse" as
+# "tool_use"; a byte search for the name does not. Where one may be, the governors decode
+# instead of trusting their byte tests: fail closed against a spelling no provider uses.
+ESCAPED = b"\\u00"
+
+
+def may_call(buf: bytes, needle: bytes) -> bool:
+    """Whether `buf` may name a call: it holds `needle`, or an escaped ASCII character."""
+    return needle in buf or (b"\\" in buf and ESCAPED in buf)
+
+
+def first_hint(buf: bytes, needle: bytes) -> int:
+    """The offset of the first `needle` or escaped ASCII character in `buf`, or -1."""
+    p = buf.find(needle)
+    if b"\\" in buf:
+        q = buf.find(ESCAPED, 0, len(buf) if p < 0 else p)
+        if q >= 0:
+            return q
+    return p
+
+
 _encoder = msgspec.json.Encoder(order="sorted")
 
 

@@ -26,11 +26,14 @@ import msgspec
 from sidegate_codecs.errors import CodecError
 from sidegate_codecs.eventstream import EventStreamDecoder, HeaderValue, encode_message
 
-from .base import ALLOW, EventGovernor, ToolCall, Verdict
+from .base import ALLOW, ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_call
 
 __all__ = ["Governor", "extract", "rewrite"]
 
 EVENTSTREAM = "application/vnd.amazon.eventstream"
+
+_CALL = b'"toolUse"'  # (a call's key; escaped spellings: `may_call`)
+
 
 # -- msgspec views with just the fields governance needs -------------------------------
 
@@ -164,7 +167,7 @@ class Governor(EventGovernor):
     # -- hot path -------------------------------------------------------------------
     def on_event(self, ev) -> bytes:
         raw = ev.raw
-        if not self._slowpath and b'"toolUse"' not in raw:
+        if not self._slowpath and _CALL not in raw and (b"\\" not in raw or ESCAPED not in raw):
             return raw
         out = self._slow(ev)
         self._slowpath = bool(self._group is not None or self._open or self._denied)
@@ -176,7 +179,7 @@ class Governor(EventGovernor):
         role = _OTHER
         rec = None
         if et == "contentBlockStart":
-            if b'"toolUse"' in raw:
+            if may_call(raw, _CALL):
                 f = self._frame(ev)
                 tu = f.start.toolUse if f is not None and f.start is not None else None
                 if tu is not None:
@@ -187,7 +190,7 @@ class Governor(EventGovernor):
                     rec = self._open[idx] = _Open(ToolCall(tu.name, "", tu.toolUseId, idx), ev)
                     role = _START
         elif et == "contentBlockDelta":
-            if self._open and b'"toolUse"' in raw:
+            if self._open and may_call(raw, _CALL):
                 f = self._frame(ev)
                 if f is not None and f.delta is not None and f.delta.toolUse is not None:
                     rec = self._open.get(f.contentBlockIndex)
@@ -267,7 +270,7 @@ class Governor(EventGovernor):
     def _fix_stop(self, ev) -> bytes:
         """messageStop: `tool_use` -> `end_turn` when every call was denied / escalated."""
         raw = ev.raw
-        if not self._denied or self._allowed or b'"tool_use"' not in raw:
+        if not self._denied or self._allowed or not may_call(raw, b'"tool_use"'):
             return raw
         try:
             body = _decode_any(ev.payload)
@@ -315,7 +318,7 @@ class Governor(EventGovernor):
                 return b""
             buf = buf[:off]
         if not self._slowpath and not self._queue and not self.pending:
-            p = buf.find(b'"toolUse"')
+            p = first_hint(buf, _CALL)
             if p < 0:
                 return buf
             # The whole frames before the one that may start a call go out as they came, as
@@ -406,7 +409,7 @@ def _text_delta(start_ev, index: int, text: str) -> bytes:
 # -- non-streaming Converse -----------------------------------------------------------
 
 def extract(path: str, body: bytes) -> list[ToolCall]:
-    if b'"toolUse"' not in body:
+    if not may_call(body, _CALL):
         return []
     try:
         resp = _decode_response(body)

@@ -32,7 +32,7 @@ from .anthropic import (
     rewrite,
     stop_to_end_turn,
 )
-from .base import EventGovernor
+from .base import EventGovernor, may_call
 
 __all__ = ["Governor", "extract", "rewrite"]
 
@@ -48,6 +48,16 @@ def _b64_needles(s: bytes) -> tuple[bytes, ...]:
 
 
 _N0, _N1, _N2 = _b64_needles(NEEDLE)
+# An escaped ASCII character (`\u00XX`, XX < 80) in the base64 of the event, at each alignment: `\u0`,
+# `u00`, or `00` and the first hex digit (see base.ESCAPED).
+_ESC = (base64.b64encode(b"\\u0"), base64.b64encode(b"u00")) + tuple(base64.b64encode(b"00" + bytes([d])) for d in b"01234567")
+
+
+def _escaped(b64: bytes) -> bool:
+    for e in _ESC:
+        if e in b64:
+            return True
+    return False
 
 
 class _Chunk(msgspec.Struct):
@@ -79,18 +89,18 @@ class Governor(AnthropicEventGovernor):
         # needle are what `on_event` would pass frame by frame; the decoder checks them
         # (lengths, CRCs, known header blocks) and counts their bytes without building them.
         if self._open is None and _N0 not in chunk and _N1 not in chunk and _N2 not in chunk \
-                and b"\\" not in chunk and not self._queue and not self.pending and not self._closed \
-                and not self._dead and self.decoder.skip(chunk):
+                and b"\\" not in chunk and not _escaped(chunk) and not self._queue and not self.pending \
+                and not self._closed and not self._dead and self.decoder.skip(chunk):
             return chunk
         return EventGovernor.feed(self, chunk)
 
     def on_event(self, ev) -> bytes:
         if self._open is None:
             p = ev.payload
-            if _N0 not in p and _N1 not in p and _N2 not in p and b"\\" not in p:
+            if _N0 not in p and _N1 not in p and _N2 not in p and b"\\" not in p and not _escaped(p):
                 return ev.raw
             inner = _inner(ev)
-            if inner is None or NEEDLE not in inner:
+            if inner is None or not may_call(inner, NEEDLE):
                 return ev.raw
             return self._outside(ev, inner)
         return self._inside(ev, _inner(ev))

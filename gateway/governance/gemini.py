@@ -36,7 +36,7 @@ from sidegate_codecs.sse import SSEDecoder, encode_event
 
 from ..dialects._shared import last_event_end
 from ..dialects.gemini import sse_error
-from .base import ALLOW, EventGovernor, ToolCall, Verdict
+from .base import ALLOW, ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_call
 
 __all__ = ["Governor", "assemble_partial_args", "extract", "rewrite"]
 
@@ -123,6 +123,7 @@ _WHOLE, _FIRST, _CONT = range(3)
 _ENVELOPE = {"candidates", "usageMetadata", "modelVersion", "createTime", "responseId"}
 # A chunk ending so ends on an SSE event boundary (a line end, then an empty line).
 _BLOCK_ENDS = (b"\n\n", b"\n\r\n")
+_CALL = b'"functionCall'  # (its part's key; escaped spellings: `may_call`)
 _BLOCK_END = re.compile(rb"\n\n|\r\r|\r\n\r\n|\n\r\n|\r\n\n")  # the ends last_event_end knows
 
 
@@ -275,7 +276,7 @@ class Governor(EventGovernor):
     # -- hot path -------------------------------------------------------------------
     def on_event(self, ev) -> bytes:
         raw = ev.raw
-        if not self._slowpath and b'"functionCall' not in raw:
+        if not self._slowpath and _CALL not in raw and (b"\\" not in raw or ESCAPED not in raw):
             return raw
         out = self._slow(ev)
         self._slowpath = bool(self._group is not None or self._open or self._lost)
@@ -283,7 +284,7 @@ class Governor(EventGovernor):
 
     def _slow(self, ev) -> bytes:
         raw = ev.raw
-        if b'"functionCall"' in raw or (self._open and b'"finishReason"' in raw):
+        if may_call(raw, _CALL) or (self._open and b'"finishReason"' in raw):
             data = self._data(ev)
             refs, pure = self._scan(data) if data else (None, False)
         else:
@@ -541,7 +542,7 @@ class _SSEGovernor(Governor):
             tail.clear()
         else:
             if chunk.endswith(_BLOCK_ENDS) and self._primed and not self._slowpath and not self._queue \
-                    and not self.pending and b'"functionCall' not in chunk:
+                    and not self.pending and _CALL not in chunk and (b"\\" not in chunk or ESCAPED not in chunk):
                 return chunk
             buf = chunk if type(chunk) is bytes else bytes(chunk)
         end = last_event_end(buf)
@@ -551,7 +552,7 @@ class _SSEGovernor(Governor):
                 return b""
             buf = buf[:end]
         if not self._slowpath and not self._queue and not self.pending:
-            p = buf.find(b'"functionCall')
+            p = first_hint(buf, _CALL)
             if p < 0 and self._primed:
                 return buf
             # The whole events before the first that may carry a call go out as one piece,
@@ -635,7 +636,7 @@ class _ArrayGovernor(Governor):
 # -- non-streaming generateContent -----------------------------------------------------
 
 def extract(path: str, body: bytes) -> list[ToolCall]:
-    if b'"functionCall"' not in body:
+    if not may_call(body, _CALL):
         return []
     try:
         resp = _decode_response(body)

@@ -34,7 +34,7 @@ from sidegate_codecs import SSEDecoder, encode_event
 from sidegate_codecs.errors import CodecError
 
 from ..dialects import openai as _dialect
-from .base import EventGovernor, ToolCall, Verdict
+from .base import ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_call
 
 __all__ = ["Governor", "extract", "rewrite"]
 
@@ -276,7 +276,7 @@ class Governor(EventGovernor):
         n = len(chunk)
         if chunk.find(b"\n") == n - 2 and chunk.endswith(b"\n\n") and b"\r" not in chunk \
                 and not self._queue and not self.pending and not self._closed and not self._dead:
-            if self._idle and _TOOL_CALLS not in chunk:
+            if self._idle and _TOOL_CALLS not in chunk and (b"\\" not in chunk or ESCAPED not in chunk):
                 if type(chunk) is bytes and self.decoder.skip(chunk):
                     if self.enforce:
                         self._defer(chunk)
@@ -321,7 +321,7 @@ class Governor(EventGovernor):
         that may carry a tool call go out as one piece, as `on_event` passes each of them,
         and only the rest is decoded event by event. Their text choices (which only a
         denial marker reads) are noted later, from the kept piece: `_has_text`."""
-        p = chunk.find(_TOOL_CALLS)
+        p = first_hint(chunk, _TOOL_CALLS)
         end = (chunk.rfind(b"\n\n") if p < 0 else chunk.rfind(b"\n\n", 0, p)) + 2
         if end <= 2:
             return None
@@ -429,7 +429,7 @@ class Governor(EventGovernor):
 
     def on_event(self, ev) -> bytes:
         raw = ev.raw
-        if self._idle and _TOOL_CALLS not in raw:
+        if self._idle and _TOOL_CALLS not in raw and (b"\\" not in raw or ESCAPED not in raw):
             self._note_event(ev)  # a marker then starts on a new line
             return raw
         return self._slow(ev)
@@ -882,7 +882,7 @@ def _body_calls(obj) -> list[tuple[dict, int, dict]]:
 
 def load_body(body: bytes, needle: bytes):
     """The decoded JSON body, or None when the cheap byte test or the decoding says no call."""
-    if needle not in body:
+    if not may_call(body, needle):
         return None
     try:
         return _decode(body)

@@ -31,7 +31,7 @@ import msgspec
 from sidegate_codecs import SSEDecoder
 
 from ..dialects import openai as _dialect
-from .base import EventGovernor, ToolCall, Verdict
+from .base import ESCAPED, EventGovernor, ToolCall, Verdict, first_hint
 from .openai_chat import as_text as _text
 from .openai_chat import body_to_rewrite, load_body, one_event
 from .openai_chat import sse_frame as _frame
@@ -160,7 +160,7 @@ class Governor(EventGovernor):
             idle = not self._open and not self._held and not self._shift and not self._denied
             # Fast path: the test `on_event` starts with, on the whole events before the
             # first that may carry a call (all of the chunk when none may).
-            p = chunk.find(_MAYBE_CALL) if idle else 0
+            p = first_hint(chunk, _MAYBE_CALL) if idle else 0
             out = self._pass_sse_events(chunk, p, EventGovernor.feed)
             if out is not None:
                 return out
@@ -175,7 +175,7 @@ class Governor(EventGovernor):
     def on_event(self, ev) -> bytes:
         raw = ev.raw
         if not self._open and not self._held and not self._shift and not self._denied \
-                and _MAYBE_CALL not in raw:
+                and _MAYBE_CALL not in raw and (b"\\" not in raw or ESCAPED not in raw):
             return raw
         data = ev.data
         head = None

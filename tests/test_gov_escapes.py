@@ -1,0 +1,200 @@
+"""A call spelled with JSON escapes is governed like any other (fail closed).
+
+An agent's SDK reads `"tool\\u005fcalls"` as "tool_calls". The governors' fast paths look
+for such names as bytes; where an escaped ASCII character may be, they decode instead.
+Each case takes a recorded stream or body with a tool call, spells the name that marks the
+call (a key, or a type value) with an escape, and checks that every dialect still finds
+the same calls and denies them, streamed whole, one event per chunk and in random pieces.
+No provider was seen to write such a spelling: this is about not failing open on one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from sidegate_codecs.eventstream import EventStreamDecoder, encode_message
+from sidegate_codecs.sse import SSEDecoder
+
+from gateway.governance import anthropic as anth
+from gateway.governance import bedrock_converse as conv
+from gateway.governance import bedrock_invoke as binv
+from gateway.governance import gemini as gem
+from gateway.governance import openai_chat as chat
+from gateway.governance import openai_responses as resp
+from gateway.governance.base import Verdict, first_hint, may_call
+from tests.support import sdk_drivers as sdk
+from tests.support.fake_upstream import FakeUpstream, Reply, load_fixture
+from tests.support.govern import run_governor, split_random
+
+DENY = Verdict("deny", "escaped", rule="r1")
+MARKER = b"[SIDEGATE DENIED]"
+
+# (module, path, content type, fixture, the bytes that name the call, their escaped spelling)
+SSE_CASES = {
+    "openai-chat": (chat, "/v1/openai/chat/completions", "text/event-stream", "openai-chat/pai-openai-tool-call.sse",
+                    b'"tool_calls"', b'"tool\\u005fcalls"'),
+    "openai-chat, first letter": (chat, "/v1/openai/chat/completions", "text/event-stream",
+                                  "openai-chat/oai-parallel-tool-calls.sse", b'"tool_calls"', b'"\\u0074ool_calls"'),
+    "openai-responses": (resp, "/v1/openai/responses", "text/event-stream", "openai-responses/pai-responses-function-call.sse",
+                         b'"function_call"', b'"function\\u005Fcall"'),
+    "anthropic": (anth, "/v1/messages", "text/event-stream", "anthropic/anth-sdk-tool-use.sse",
+                  b'"tool_use"', b'"tool\\u005fuse"'),
+    "gemini": (gem, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", "text/event-stream",
+               "gemini/pai-gemini-function-call.sse", b'"functionCall"', b'"function\\u0043all"'),
+}
+BODY_CASES = {
+    "openai-chat": (chat, "/v1/chat/completions", "openai-chat/pai-openai-tool-call-nonstream.json",
+                    b'"tool_calls":', b'"tool\\u005fcalls":'),
+    "anthropic": (anth, "/v1/messages", "anthropic/pai-anthropic-tool-use-nonstream.json",
+                  b'"tool_use"', b'"tool\\u005fuse"'),
+    "gemini": (gem, "/v1beta/models/gemini-2.5-flash:generateContent", "gemini/pai-gemini-function-call-nonstream.json",
+               b'"functionCall"', b'"function\\u0043all"'),
+    "bedrock-converse": (conv, "/model/m/converse", "bedrock-converse/pai-bedrock-converse-tool-use-nonstream.json",
+                         b'"toolUse"', b'"tool\\u0055se"'),
+}
+
+
+def sse_events(body: bytes) -> list[bytes]:
+    dec = SSEDecoder()
+    return [ev.raw for ev in dec.feed(body) + dec.close()]
+
+
+def calls_of(gov) -> list[tuple[str, str]]:
+    return [(c.name, c.arguments) for c in gov.calls]
+
+
+def govern(mod, path, ctype, pieces):
+    gov = mod.Governor(path, ctype, True)
+    return run_governor(gov, pieces, lambda call: DENY), gov
+
+
+def splits(body: bytes, events: list[bytes]):
+    yield "whole", [body]
+    yield "one event per chunk", events
+    for seed in (1, 2, 3):
+        yield f"random {seed}", split_random(body, seed, max_size=64)
+
+
+def test_the_hint_helpers():
+    assert may_call(b'{"tool_calls":[]}', b'"tool_calls"')
+    assert may_call(b'{"tool\\u005fcalls":[]}', b'"tool_calls"')
+    assert may_call(b'{"a":"\\u00e9"}', b'"tool_calls"')  # any escaped Latin-1 or ASCII: decode, to be safe
+    assert not may_call(b'{"a":"\\n\\"x\\" \\u4e2d"}', b'"tool_calls"')  # other escapes cannot spell a name
+    assert first_hint(b'..."tool_calls"..."x\\u0041"', b'"tool_calls"') == 3
+    assert first_hint(b'..."x\\u0041"..."tool_calls"', b'"tool_calls"') == 5
+    assert first_hint(b'no call here \\n', b'"tool_calls"') == -1
+
+
+@pytest.mark.parametrize("case", SSE_CASES)
+def test_sse_call_with_escaped_name_is_denied(case):
+    mod, path, ctype, fixture, plain, escaped = SSE_CASES[case]
+    original = load_fixture(fixture)
+    body = original.replace(plain, escaped)
+    assert body != original and plain not in body
+    _, ref = govern(mod, path, ctype, [original])
+    assert ref.calls, "the fixture has a call"
+    for how, pieces in splits(body, sse_events(body)):
+        out, gov = govern(mod, path, ctype, pieces)
+        assert calls_of(gov) == calls_of(ref), (case, how)
+        assert MARKER in out, (case, how)
+
+
+@pytest.mark.parametrize("case", BODY_CASES)
+def test_body_call_with_escaped_name_is_denied(case):
+    mod, path, fixture, plain, escaped = BODY_CASES[case]
+    original = load_fixture(fixture)
+    body = original.replace(plain, escaped)
+    assert body != original and plain not in body
+    want = [(c.name, c.arguments) for c in mod.extract(path, original)]
+    calls = mod.extract(path, body)
+    assert want and [(c.name, c.arguments) for c in calls] == want
+    assert MARKER in mod.rewrite(path, body, calls, [DENY] * len(calls))
+
+
+def _eventstream_with(original: bytes, edit) -> bytes:
+    """The frames of `original`, each payload through `edit` (headers kept, CRCs redone)."""
+    dec = EventStreamDecoder()
+    return b"".join(encode_message(m.typed_headers, edit(m.payload)) for m in dec.feed(original) + dec.close())
+
+
+def _frames(body: bytes) -> list[bytes]:
+    dec = EventStreamDecoder()
+    return [m.raw for m in dec.feed(body) + dec.close()]
+
+
+def _invoke_edit(plain: bytes, escaped: bytes):
+    def edit(payload: bytes) -> bytes:
+        obj = json.loads(payload)
+        if "bytes" not in obj:
+            return payload
+        inner = base64.b64decode(obj["bytes"]).replace(plain, escaped)
+        return json.dumps({**obj, "bytes": base64.b64encode(inner).decode()}, separators=(",", ":")).encode()
+    return edit
+
+
+EVENTSTREAM_CASES = {
+    "bedrock-converse": (conv, "/model/m/converse-stream", "bedrock-converse/pai-bedrock-nova-text-then-tool.bin",
+                         lambda p: p.replace(b'"toolUse"', b'"tool\\u0055se"')),
+    "bedrock-invoke": (binv, "/model/m/invoke-with-response-stream", "bedrock-invoke/derived-claude-tool-use.bin",
+                       _invoke_edit(b'"tool_use"', b'"tool\\u005fuse"')),
+}
+
+
+@pytest.mark.parametrize("case", EVENTSTREAM_CASES)
+def test_eventstream_call_with_escaped_name_is_denied(case):
+    mod, path, fixture, edit = EVENTSTREAM_CASES[case]
+    original = load_fixture(fixture)
+    body = _eventstream_with(original, edit)
+    assert body != original
+    ctype = "application/vnd.amazon.eventstream"
+    _, ref = govern(mod, path, ctype, [original])
+    assert ref.calls, "the fixture has a call"
+    for how, pieces in splits(body, _frames(body)):
+        out, gov = govern(mod, path, ctype, pieces)
+        assert calls_of(gov) == calls_of(ref), (case, how)
+        assert MARKER in out or _marker_in_invoke(out), (case, how)
+
+
+def _marker_in_invoke(out: bytes) -> bool:
+    for payload in (m.payload for m in EventStreamDecoder().feed(out)):
+        try:
+            inner = base64.b64decode(json.loads(payload).get("bytes", ""))
+        except (ValueError, AttributeError):
+            continue
+        if MARKER in inner:
+            return True
+    return False
+
+
+SDK_CASES = {
+    "openai-chat": ("openai-chat", lambda url: sdk.openai_chat(url, stream=True)),
+    "anthropic": ("anthropic", lambda url: sdk.anthropic_messages(url, stream=True)),
+    "gemini": ("gemini", lambda url: sdk.gemini_generate(url, stream=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def fake():
+    f = FakeUpstream().start()
+    yield f
+    f.stop()
+
+
+@pytest.mark.parametrize("case", SDK_CASES)
+def test_sdk_reads_the_escaped_call_and_the_governed_denial(fake, case):
+    """The official SDK reads the escaped spelling as a tool call (so it matters), and reads
+    the governed stream as the denial marker with no call left."""
+    mod, path, ctype, fixture, plain, escaped = SSE_CASES[case]
+    body = load_fixture(fixture).replace(plain, escaped)
+    read = SDK_CASES[case][1]
+    headers = [("content-type", "text/event-stream")]
+    fake.reset()
+    fake.enqueue(Reply(body=body, headers=headers))
+    assert read(fake.url).tool_calls, "the SDK sees the escaped call"
+    out, _ = govern(mod, path, ctype, sse_events(body))
+    fake.reset()
+    fake.enqueue(Reply(body=out, headers=headers, chunk_sizes="random", seed=3))
+    got = read(fake.url)
+    assert got.tool_calls == [] and MARKER.decode() in got.text, got
