@@ -198,3 +198,42 @@ def test_sdk_reads_the_escaped_call_and_the_governed_denial(fake, case):
     fake.enqueue(Reply(body=out, headers=headers, chunk_sizes="random", seed=3))
     got = read(fake.url)
     assert got.tool_calls == [] and MARKER.decode() in got.text, got
+
+
+# -- Gemini: `function_call`, protobuf's own JSON name for the part's call ------------------
+
+GEM_SSE = SSE_CASES["gemini"]
+
+
+def test_gemini_sdk_reads_function_call_as_a_call(fake):
+    body = load_fixture(GEM_SSE[3]).replace(b'"functionCall"', b'"function_call"')
+    fake.reset()
+    fake.enqueue(Reply(body=body, headers=[("content-type", "text/event-stream")]))
+    assert sdk.gemini_generate(fake.url, stream=True).tool_calls  # (why it must not pass undecided)
+
+
+@pytest.mark.parametrize("spelling", [b'"function_call"', b'"function\\u005fcall"'])
+def test_gemini_stream_with_function_call_parts_is_stopped_in_enforce_mode(spelling):
+    mod, path, ctype, fixture, plain, _ = GEM_SSE
+    original = load_fixture(fixture)
+    body = original.replace(plain, spelling)
+    for how, pieces in splits(body, sse_events(body)):
+        out, gov = govern(mod, path, ctype, pieces)
+        assert b"get_capital" not in out and b"France" not in out, how  # the call never reaches the agent
+        assert b"function_call, which is not governed" in out, how
+        assert gov.calls == []
+
+
+def test_gemini_stream_with_function_call_parts_passes_in_observe_mode():
+    mod, path, ctype, fixture, plain, _ = GEM_SSE
+    body = load_fixture(fixture).replace(plain, b'"function_call"')
+    gov = mod.Governor(path, ctype, False)
+    assert run_governor(gov, [body], lambda call: DENY) == body
+
+
+def test_gemini_body_with_function_call_parts_is_refused():
+    mod, path, fixture, plain, _ = BODY_CASES["gemini"]
+    body = load_fixture(fixture).replace(plain, b'"function_call"')
+    with pytest.raises(ValueError, match="function_call"):
+        mod.extract(path, body)
+    # (the relay answers 502 in enforce mode and relays it in observe mode: test_relay_faults)

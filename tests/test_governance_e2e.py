@@ -297,3 +297,48 @@ def test_external_authority(pgw, upstream, authority, mode, on_error, expect):
     assert sent["tool"] == "get_weather" and sent["actor"] == "bot-7" and sent["tenant"] == "t1"
     assert sent["rule"] == "weather" and sent["provider"] == "openai"
     assert json.loads(sent["arguments"]) == {"city": "San Francisco", "state": "CA"}
+
+
+# -- names the SDKs read as calls but no provider sends: never passed undecided ---------------
+
+ESCAPED_NAMES = [
+    ("openai-chat/pai-openai-tool-call.sse", b'"tool_calls"', b'"tool\\u005fcalls"'),
+    ("openai-chat/pai-openai-tool-call-nonstream.json", b'"tool_calls":', b'"tool\\u005fcalls":'),
+    ("anthropic/anth-sdk-tool-use.sse", b'"tool_use"', b'"tool\\u005fuse"'),
+    ("anthropic/pai-anthropic-tool-use-nonstream.json", b'"tool_use"', b'"tool\\u005fuse"'),
+    ("gemini/pai-gemini-function-call.sse", b'"functionCall"', b'"function\\u0043all"'),
+]
+
+
+@pytest.mark.parametrize("fixture,plain,escaped", ESCAPED_NAMES, ids=[f for f, _, _ in ESCAPED_NAMES])
+def test_deny_all_with_escaped_call_names(pgw, upstream, fixture, plain, escaped):
+    pgw.set_policy("default: deny\nrules: []\n")  # (other tests of the module set theirs)
+    folder = fixture.split("/")[0]
+    meta = load_meta(fixture)
+    drive, end_turn, _ = DRIVERS[folder]
+    body = load_fixture(fixture).replace(plain, escaped)
+    ctype = "text/event-stream" if meta["stream"] else "application/json"
+    upstream.enqueue(Reply(body=body, headers=[("content-type", ctype)], chunk_sizes="random"))
+    out = drive(pgw.gw.url, meta["stream"])
+    assert out.tool_calls == []
+    for call in meta["tool_calls"]:
+        assert f"[SIDEGATE DENIED] tool={call['name']} reason=no rule matched" in out.text
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "body"])
+def test_gemini_function_call_spelling_is_refused(pgw, upstream, stream):
+    """google-genai reads a `function_call` part as a call; the governor reads functionCall
+    only, so in enforce mode such an answer is stopped (in-band) or refused (502)."""
+    from google.genai import errors as genai_errors
+
+    pgw.set_policy("default: deny\nrules: []\n")
+    fixture = "gemini/pai-gemini-function-call.sse" if stream else "gemini/pai-gemini-function-call-nonstream.json"
+    body = load_fixture(fixture).replace(b'"functionCall"', b'"function_call"')
+    ctype = "text/event-stream" if stream else "application/json"
+    upstream.enqueue(Reply(body=body, headers=[("content-type", ctype)]))
+    with pytest.raises(genai_errors.APIError) as e:
+        sdk.gemini_generate(pgw.gw.url, stream)
+    if stream:  # the in-band error event that stopped the stream
+        assert "function_call, which is not governed" in str(e.value)
+    else:
+        assert e.value.code == 502

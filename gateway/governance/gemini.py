@@ -13,7 +13,7 @@ the values in later chunks, and a part without `willContinue` (often `{}`) close
 The arguments are assembled from the jsonPath assignments (string fragments of one
 path concatenate).
 
-Chunks are only decoded when their bytes contain `"functionCall"` (or a call is open).
+Chunks are only decoded when their bytes contain `"function` (or a call is open).
 From the chunk that opens a call to the chunk that closes it every chunk is held, in
 order. A denied / escalated call's opening part becomes `{"text": marker}` in the same
 chunk position, its continuation parts are removed (a chunk left with nothing but its
@@ -26,6 +26,7 @@ the text part; a kept call that only arrives in a later chunk gets a copy.
 
 from __future__ import annotations
 
+import logging
 import re
 from itertools import pairwise
 
@@ -37,6 +38,8 @@ from sidegate_codecs.sse import SSEDecoder, encode_event
 from ..dialects._shared import last_event_end
 from ..dialects.gemini import sse_error
 from .base import ALLOW, ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_call
+
+log = logging.getLogger("sidegate.governance")
 
 __all__ = ["Governor", "assemble_partial_args", "extract", "rewrite"]
 
@@ -123,7 +126,9 @@ _WHOLE, _FIRST, _CONT = range(3)
 _ENVELOPE = {"candidates", "usageMetadata", "modelVersion", "createTime", "responseId"}
 # A chunk ending so ends on an SSE event boundary (a line end, then an empty line).
 _BLOCK_ENDS = (b"\n\n", b"\n\r\n")
-_CALL = b'"functionCall'  # (its part's key; escaped spellings: `may_call`)
+# A part's call key: functionCall, or function_call (protobuf's own JSON name, which the
+# google-genai SDK reads as a call too: `_snake_call`); escaped spellings: `may_call`.
+_CALL = b'"function'
 _BLOCK_END = re.compile(rb"\n\n|\r\r|\r\n\r\n|\n\r\n|\r\n\n")  # the ends last_event_end knows
 
 
@@ -286,6 +291,11 @@ class Governor(EventGovernor):
         raw = ev.raw
         if may_call(raw, _CALL) or (self._open and b'"finishReason"' in raw):
             data = self._data(ev)
+            if data and _snake_call(data):
+                if self.enforce:
+                    return self._break("sidegate: the upstream spelled a function call function_call, "
+                                       "which is not governed; the stream was stopped")
+                log.warning("gemini: a function_call part passed ungoverned (observe mode)")
             refs, pure = self._scan(data) if data else (None, False)
         else:
             refs, pure = None, False
@@ -635,9 +645,29 @@ class _ArrayGovernor(Governor):
 
 # -- non-streaming generateContent -----------------------------------------------------
 
+def _snake_call(data: bytes) -> bool:
+    """Whether a part of the response names a call `function_call`. The views above read
+    only functionCall (what Gemini and Vertex send); the SDK reads either, so such a part
+    is refused rather than passed undecided."""
+    if b"function_call" not in data and (b"\\" not in data or ESCAPED not in data):
+        return False
+    try:
+        doc = _decode_any(data)
+    except msgspec.DecodeError:
+        return False
+    for cand in (doc.get("candidates") or ()) if isinstance(doc, dict) else ():
+        content = cand.get("content") if isinstance(cand, dict) else None
+        for part in (content.get("parts") or ()) if isinstance(content, dict) else ():
+            if isinstance(part, dict) and "function_call" in part:
+                return True
+    return False
+
+
 def extract(path: str, body: bytes) -> list[ToolCall]:
     if not may_call(body, _CALL):
         return []
+    if _snake_call(body):
+        raise ValueError("a function call spelled function_call, which is not governed")
     try:
         resp = _decode_response(body)
     except msgspec.DecodeError:
