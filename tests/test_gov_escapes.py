@@ -237,3 +237,62 @@ def test_gemini_body_with_function_call_parts_is_refused():
     with pytest.raises(ValueError, match="function_call"):
         mod.extract(path, body)
     # (the relay answers 502 in enforce mode and relays it in observe mode: test_relay_faults)
+
+
+# -- OpenAI chat: the legacy `functions` API's `function_call` ---------------------------------
+
+def _legacy_body(fc: dict, content=None) -> bytes:
+    return json.dumps({"id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": "m",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "function_call": fc},
+                                    "finish_reason": "function_call"}]}).encode()
+
+
+def _legacy_stream() -> list[bytes]:
+    def ev(delta, finish=None):
+        obj = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return [ev({"role": "assistant", "content": ""}), ev({"content": "Removing it."}),
+            ev({"function_call": {"name": "rm_rf", "arguments": ""}}), ev({"function_call": {"arguments": '{"path"'}}),
+            ev({"function_call": {"arguments": ':"/"}'}}), ev({}, "function_call"), b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("content", [None, "Removing it."])
+def test_chat_body_legacy_function_call_is_governed(content):
+    body = _legacy_body({"name": "rm_rf", "arguments": '{"path":"/"}'}, content)
+    calls = chat.extract("/v1/chat/completions", body)
+    assert [(c.name, c.arguments) for c in calls] == [("rm_rf", '{"path":"/"}')]
+    out = json.loads(chat.rewrite("/v1/chat/completions", body, calls, [DENY]))
+    choice = out["choices"][0]
+    assert "function_call" not in choice["message"] and choice["finish_reason"] == "stop"
+    assert choice["message"]["content"] == (content + "\n" if content else "") + DENY.text("rm_rf")
+    allowed = chat.rewrite("/v1/chat/completions", body, calls, [Verdict("allow")])
+    assert allowed == body
+
+
+def test_chat_body_with_tool_calls_and_legacy_function_call_keeps_their_order():
+    obj = json.loads(_legacy_body({"name": "legacy", "arguments": "{}"}))
+    obj["choices"].insert(0, {"index": 1, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "tool", "arguments": "{}"}}]}})
+    body = json.dumps(obj).encode()
+    calls = chat.extract("/v1/chat/completions", body)
+    assert [c.name for c in calls] == ["tool", "legacy"]
+    out = json.loads(chat.rewrite("/v1/chat/completions", body, calls, [Verdict("allow"), DENY]))
+    assert out["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "tool"
+    assert out["choices"][1]["message"]["content"] == DENY.text("legacy")
+
+
+@pytest.mark.parametrize("how", ["one event per chunk", "whole", "random 1", "random 2"])
+def test_chat_stream_legacy_function_call_is_stopped_in_enforce_mode(how):
+    """Streamed legacy calls are not governed yet: enforce mode stops the stream with an
+    error event before any of the call's bytes; observe mode relays the stream untouched."""
+    frames = _legacy_stream()
+    body = b"".join(frames)
+    pieces = dict(splits(body, frames))[how]
+    out, gov = govern(chat, "/v1/openai/chat/completions", "text/event-stream", pieces)
+    assert out.startswith(frames[0] + frames[1])  # the text before it, untouched
+    assert b"rm_rf" not in out and b"path" not in out
+    assert out.endswith(b"\n\n") and b"legacy function_call, which is not governed" in out.rsplit(b"data: ", 1)[1]
+    observe = chat.Governor("/v1/openai/chat/completions", "text/event-stream", False)
+    assert run_governor(observe, pieces, lambda call: DENY) == body

@@ -161,6 +161,8 @@ class EventGovernor:
                 untouched = False
             if piece:
                 out.append(piece)
+            if self._dead:  # the handler stopped the stream: nothing goes out after its error
+                return b"".join(out)
             if self.pending and self.enforce:
                 self._queue.extend(events[i + 1:])
                 break
@@ -179,7 +181,7 @@ class EventGovernor:
 
     def _drain(self) -> bytes:
         out = []
-        while self._queue and not self.pending:
+        while self._queue and not self.pending and not self._dead:
             ev = self._queue.pop(0)
             piece = self.on_event(ev)
             if piece:

@@ -27,6 +27,7 @@ keeps its bytes (and its indices, even a first call at index 1). `finish_reason`
 
 from __future__ import annotations
 
+import logging
 import re
 
 import msgspec
@@ -38,7 +39,9 @@ from .base import ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_cal
 
 __all__ = ["Governor", "extract", "rewrite"]
 
+log = logging.getLogger("sidegate.governance")
 _TOOL_CALLS = b'"tool_calls"'
+_FUNCTION_CALL = b'"function_call"'  # the legacy `functions` API's one call per message
 _NO_TEXT = b'"content":""'
 _NULL_TEXT = b'"content":null'
 _CONTENT = b'"content"'  # (a JSON string value cannot hold it: its quotes would be escaped)
@@ -245,8 +248,8 @@ _NO_FIRSTS: list = []  # shared, never appended to: `_hold_or_pass` gives an ent
 
 
 class Governor(EventGovernor):
-    __slots__ = ("_choices", "_deferred", "_deferred_size", "_denials", "_first_held", "_held", "_idle", "_marker_head",
-                 "_meta", "_n_open", "_pend", "_texted")
+    __slots__ = ("_choices", "_deferred", "_deferred_size", "_denials", "_first_held", "_held", "_idle", "_legacy_seen",
+                 "_marker_head", "_meta", "_n_open", "_pend", "_texted")
 
     def __init__(self, path: str = "/chat/completions", content_type: str = "text/event-stream",
                  enforce: bool = True) -> None:
@@ -265,6 +268,7 @@ class Governor(EventGovernor):
         self._idle = True  # no call open and nothing held: frames without "tool_calls" pass untouched
         self._meta: dict | None = None
         self._marker_head: bytes | None = None
+        self._legacy_seen = False
 
     # -- events ---------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
@@ -276,7 +280,8 @@ class Governor(EventGovernor):
         n = len(chunk)
         if chunk.find(b"\n") == n - 2 and chunk.endswith(b"\n\n") and b"\r" not in chunk \
                 and not self._queue and not self.pending and not self._closed and not self._dead:
-            if self._idle and _TOOL_CALLS not in chunk and (b"\\" not in chunk or ESCAPED not in chunk):
+            if self._idle and _TOOL_CALLS not in chunk and _FUNCTION_CALL not in chunk \
+                    and (b"\\" not in chunk or ESCAPED not in chunk):
                 if type(chunk) is bytes and self.decoder.skip(chunk):
                     if self.enforce:
                         self._defer(chunk)
@@ -322,6 +327,9 @@ class Governor(EventGovernor):
         and only the rest is decoded event by event. Their text choices (which only a
         denial marker reads) are noted later, from the kept piece: `_has_text`."""
         p = first_hint(chunk, _TOOL_CALLS)
+        q = chunk.find(_FUNCTION_CALL, 0, len(chunk) if p < 0 else p)
+        if q >= 0:
+            p = q
         end = (chunk.rfind(b"\n\n") if p < 0 else chunk.rfind(b"\n\n", 0, p)) + 2
         if end <= 2:
             return None
@@ -429,7 +437,8 @@ class Governor(EventGovernor):
 
     def on_event(self, ev) -> bytes:
         raw = ev.raw
-        if self._idle and _TOOL_CALLS not in raw and (b"\\" not in raw or ESCAPED not in raw):
+        if self._idle and _TOOL_CALLS not in raw and _FUNCTION_CALL not in raw \
+                and (b"\\" not in raw or ESCAPED not in raw):
             self._note_event(ev)  # a marker then starts on a new line
             return raw
         return self._slow(ev)
@@ -456,7 +465,22 @@ class Governor(EventGovernor):
                 self._texted.add(ch.index)
 
     def _slow(self, ev) -> bytes:
+        if self._dead:
+            return b""
         data = ev.data
+        raw = ev.raw
+        if (_FUNCTION_CALL in raw or (b"\\" in raw and ESCAPED in raw)) and _legacy_call(data):
+            # A call of the legacy `functions` API: streamed, it is not governed yet. Enforce
+            # mode stops the stream rather than pass it undecided.
+            if self.enforce:
+                self._dead = True
+                self.pending.clear()
+                self._held.clear()
+                return self.error("sidegate: the answer holds a legacy function_call, which is not governed "
+                                  "in streams; the stream was stopped (use tools)")
+            if not self._legacy_seen:
+                self._legacy_seen = True
+                log.warning("openai: a legacy function_call passed ungoverned (observe mode)")
         chunk = None
         done = False
         if data == b"[DONE]":
@@ -903,22 +927,74 @@ def body_to_rewrite(body: bytes, needle: bytes, body_calls, calls: list, verdict
     return obj, found
 
 
+def _legacy_call(data: bytes) -> bool:
+    """Whether a chunk's delta carries a legacy `function_call`."""
+    try:
+        obj = _decode(data)
+    except msgspec.DecodeError:
+        return False
+    for ch in (obj.get("choices") or ()) if isinstance(obj, dict) else ():
+        delta = ch.get("delta") if isinstance(ch, dict) else None
+        if isinstance(delta, dict) and delta.get("function_call") is not None:
+            return True
+    return False
+
+
+def _legacy_calls(obj) -> list[tuple[dict, dict]]:
+    """(choice, function_call) for every message with a legacy `function_call`."""
+    out = []
+    for ch in (obj.get("choices") or ()) if isinstance(obj, dict) else ():
+        msg = ch.get("message") if isinstance(ch, dict) else None
+        fc = msg.get("function_call") if isinstance(msg, dict) else None
+        if isinstance(fc, dict):
+            out.append((ch, fc))
+    return out
+
+
+def _load_chat(body: bytes):
+    if _FUNCTION_CALL in body:
+        try:
+            return _decode(body)
+        except msgspec.DecodeError:
+            return None
+    return load_body(body, _TOOL_CALLS)
+
+
 def extract(path: str, body: bytes) -> list[ToolCall]:
-    obj = load_body(body, _TOOL_CALLS)
+    """The body's tool calls, then its legacy function calls (`rewrite` takes them so)."""
+    obj = _load_chat(body)
     if obj is None:
         return []
     calls = []
     for _, pos, tc in _body_calls(obj):
         fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
         calls.append(ToolCall(as_text(fn.get("name")), as_text(fn.get("arguments")), tc.get("id"), pos))
+    for _, fc in _legacy_calls(obj):
+        calls.append(ToolCall(as_text(fc.get("name")), as_text(fc.get("arguments")), None, 0))
     return calls
 
 
 def rewrite(path: str, body: bytes, calls: list[ToolCall], verdicts: list[Verdict]) -> bytes:
-    todo = body_to_rewrite(body, _TOOL_CALLS, _body_calls, calls, verdicts)
-    if todo is None:
+    if all(v.allowed for v in verdicts):
         return body
-    obj, found = todo
+    obj = _load_chat(body)
+    if obj is None:
+        return body
+    found, legacy = _body_calls(obj), _legacy_calls(obj)
+    if not len(found) + len(legacy) == len(calls) == len(verdicts):
+        raise ValueError("rewrite: the verdicts do not match the body's tool calls")
+    k = len(found)
+    for (ch, fc), call, verdict in zip(legacy, calls[k:], verdicts[k:], strict=True):
+        if verdict.allowed:
+            continue
+        msg = ch["message"]
+        del msg["function_call"]
+        content = msg.get("content")
+        text = verdict.text(call.name)
+        msg["content"] = content + "\n" + text if isinstance(content, str) and content else text
+        if ch.get("finish_reason") == "function_call":
+            ch["finish_reason"] = "stop"
+    calls, verdicts = calls[:k], verdicts[:k]
     by_choice: dict[int, list] = {}
     for (ch, _, tc), call, verdict in zip(found, calls, verdicts):
         by_choice.setdefault(id(ch), [ch, []])[1].append((tc, call, verdict))
