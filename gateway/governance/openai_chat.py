@@ -952,12 +952,13 @@ def _legacy_calls(obj) -> list[tuple[dict, dict]]:
 
 
 def _load_chat(body: bytes):
-    if _FUNCTION_CALL in body:
-        try:
-            return _decode(body)
-        except msgspec.DecodeError:
-            return None
-    return load_body(body, _TOOL_CALLS)
+    """The decoded body, or None when the byte tests or the decoding say it has no call."""
+    if _TOOL_CALLS not in body and _FUNCTION_CALL not in body and (b"\\" not in body or ESCAPED not in body):
+        return None
+    try:
+        return _decode(body)
+    except msgspec.DecodeError:
+        return None
 
 
 def extract(path: str, body: bytes) -> list[ToolCall]:
@@ -984,7 +985,7 @@ def rewrite(path: str, body: bytes, calls: list[ToolCall], verdicts: list[Verdic
     if not len(found) + len(legacy) == len(calls) == len(verdicts):
         raise ValueError("rewrite: the verdicts do not match the body's tool calls")
     k = len(found)
-    for (ch, fc), call, verdict in zip(legacy, calls[k:], verdicts[k:], strict=True):
+    for (ch, _), call, verdict in zip(legacy, calls[k:], verdicts[k:]):
         if verdict.allowed:
             continue
         msg = ch["message"]
@@ -994,7 +995,8 @@ def rewrite(path: str, body: bytes, calls: list[ToolCall], verdicts: list[Verdic
         msg["content"] = content + "\n" + text if isinstance(content, str) and content else text
         if ch.get("finish_reason") == "function_call":
             ch["finish_reason"] = "stop"
-    calls, verdicts = calls[:k], verdicts[:k]
+    if legacy:
+        calls, verdicts = calls[:k], verdicts[:k]
     by_choice: dict[int, list] = {}
     for (ch, _, tc), call, verdict in zip(found, calls, verdicts):
         by_choice.setdefault(id(ch), [ch, []])[1].append((tc, call, verdict))
