@@ -469,6 +469,17 @@ def test_chat_marker_newline_only_after_text():
     assert text == deny("x").text("a") + "\n" + deny("x").text("b")
 
 
+def _denied_texts(pieces) -> tuple[bytes, dict]:
+    """A chat stream governed with every call denied: its bytes and each choice's text."""
+    out = run_governor(chat.Governor("/v1/openai/chat/completions", "text/event-stream", True), pieces,
+                       always(deny("x")))
+    texts = {0: "", 1: ""}
+    for e in events(out):
+        for c in e["choices"]:
+            texts[c["index"]] += c["delta"].get("content") or ""
+    return out, texts
+
+
 @pytest.mark.parametrize("split", ["one event per chunk", "whole", "random 1", "random 2", "random 3"])
 def test_chat_marker_starts_a_new_line_after_the_choices_text(split):
     """The text events before a denied call pass untouched (one event per chunk, as the
@@ -485,12 +496,7 @@ def test_chat_marker_starts_a_new_line_after_the_choices_text(split):
     ]
     body = b"".join(frames)
     pieces = frames if split == "one event per chunk" else split_random(body, None if split == "whole" else int(split[-1]))
-    gov = chat.Governor("/v1/openai/chat/completions", "text/event-stream", True)
-    out = run_governor(gov, pieces, always(deny("x")))
-    texts = {0: "", 1: ""}
-    for e in events(out):
-        for c in e["choices"]:
-            texts[c["index"]] += c["delta"].get("content") or ""
+    out, texts = _denied_texts(pieces)
     assert texts == {0: "Let me check. Running it now.\n" + deny("x").text("a"), 1: deny("x").text("b")}
     # the text events left as they arrived
     assert out.startswith(b"".join(frames[:4]))
@@ -518,12 +524,7 @@ def test_chat_marker_new_line_after_more_text_than_is_kept_for_noting(choice1):
         DONE,
     ]
     assert sum(map(len, frames)) > chat._DEFER_MAX
-    gov = chat.Governor("/v1/openai/chat/completions", "text/event-stream", True)
-    out = run_governor(gov, frames, always(deny("x")))
-    texts = {0: "", 1: ""}
-    for e in events(out):
-        for c in e["choices"]:
-            texts[c["index"]] += c["delta"].get("content") or ""
+    _, texts = _denied_texts(frames)
     assert texts[0].endswith("last last last \n" + deny("x").text("a"))
     assert texts[1] == ("" if choice1 == "no text" else "odd\n") + deny("x").text("b")
 
