@@ -284,15 +284,37 @@ def test_chat_body_with_tool_calls_and_legacy_function_call_keeps_their_order():
 
 
 @pytest.mark.parametrize("how", ["one event per chunk", "whole", "random 1", "random 2"])
-def test_chat_stream_legacy_function_call_is_stopped_in_enforce_mode(how):
-    """Streamed legacy calls are not governed yet: enforce mode stops the stream with an
-    error event before any of the call's bytes; observe mode relays the stream untouched."""
+def test_chat_stream_legacy_function_call_is_governed(how):
+    """A streamed legacy call is held from its first fragment to its choice's finish, then
+    decided: allowed, every frame goes out as it came; denied, the call's fragments go,
+    the marker (on a new line after the text) takes its place and the finish is `stop`.
+    Observe mode relays the stream untouched."""
     frames = _legacy_stream()
     body = b"".join(frames)
     pieces = dict(splits(body, frames))[how]
     out, gov = govern(chat, "/v1/openai/chat/completions", "text/event-stream", pieces)
+    assert [(c.name, c.arguments) for c in gov.calls] == [("rm_rf", '{"path":"/"}')]
     assert out.startswith(frames[0] + frames[1])  # the text before it, untouched
-    assert b"rm_rf" not in out and b"path" not in out
-    assert out.endswith(b"\n\n") and b"legacy function_call, which is not governed" in out.rsplit(b"data: ", 1)[1]
+    assert b"rm_rf\"" not in out and b"path" not in out and b'"function_call"' not in out
+    texts = "".join(c["delta"].get("content") or "" for e in sse_events(out) if e != b"data: [DONE]\n\n"
+                    for c in json.loads(e[6:])["choices"])
+    assert texts == "Removing it.\n" + DENY.text("rm_rf")
+    finishes = [c["finish_reason"] for e in sse_events(out) if e != b"data: [DONE]\n\n" for c in json.loads(e[6:])["choices"]]
+    assert finishes[-1] == "stop" and out.endswith(b"data: [DONE]\n\n")
+    allowed = chat.Governor("/v1/openai/chat/completions", "text/event-stream", True)
+    assert run_governor(allowed, pieces, lambda call: Verdict("allow")) == body
     observe = chat.Governor("/v1/openai/chat/completions", "text/event-stream", False)
     assert run_governor(observe, pieces, lambda call: DENY) == body
+
+
+def test_chat_stream_legacy_function_call_beside_tool_calls_is_stopped():
+    """A shape the legacy path does not govern (a legacy call and tool calls in one answer)
+    stops the stream in enforce mode, before any byte of either call."""
+    frames = _legacy_stream()
+    tool = json.loads(frames[3][6:])
+    tool["choices"][0]["delta"] = {"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                                   "function": {"name": "other", "arguments": "{}"}}]}
+    frames.insert(3, b"data: " + json.dumps(tool).encode() + b"\n\n")
+    out, gov = govern(chat, "/v1/openai/chat/completions", "text/event-stream", frames)
+    assert b"rm_rf" not in out and b"other" not in out
+    assert b"legacy function_call alongside tool calls, which is not governed" in out

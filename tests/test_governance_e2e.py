@@ -344,22 +344,22 @@ def test_gemini_function_call_spelling_is_refused(pgw, upstream, stream):
         assert e.value.code == 502
 
 
-def test_legacy_function_call_is_governed_or_stopped(pgw, upstream):
-    """The legacy `functions` API through the gateway and the openai SDK: a whole answer's
-    function_call is denied like a tool call; a streamed one stops the stream (not governed
-    in streams yet), so the SDK never sees an undecided call."""
+def test_legacy_function_call_is_governed(pgw, upstream):
+    """The legacy `functions` API through the gateway and the openai SDK: a function_call,
+    whole or streamed, is denied like a tool call."""
     import openai
 
     pgw.set_policy("default: deny\nrules: []\n")
     client = openai.OpenAI(base_url=pgw.gw.url + "/v1/openai/v1", api_key="sk-test", max_retries=0, timeout=20)
+    functions = [{"name": "rm_rf", "parameters": {"type": "object"}}]
+    marker = "[SIDEGATE DENIED] tool=rm_rf reason=no rule matched"
     body = json.dumps({"id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": "gpt-4o", "choices": [
         {"index": 0, "finish_reason": "function_call", "message": {
             "role": "assistant", "content": None, "function_call": {"name": "rm_rf", "arguments": '{"path":"/"}'}}}]})
     upstream.enqueue(Reply(body=body.encode(), headers=[("content-type", "application/json")]))
-    msg = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
-                                         functions=[{"name": "rm_rf", "parameters": {"type": "object"}}])
+    msg = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], functions=functions)
     assert msg.choices[0].message.function_call is None and msg.choices[0].finish_reason == "stop"
-    assert msg.choices[0].message.content == "[SIDEGATE DENIED] tool=rm_rf reason=no rule matched"
+    assert msg.choices[0].message.content == marker
 
     def ev(delta, finish=None):
         return "data: " + json.dumps({"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
@@ -367,10 +367,11 @@ def test_legacy_function_call_is_governed_or_stopped(pgw, upstream):
     stream = (ev({"role": "assistant", "content": None, "function_call": {"name": "rm_rf", "arguments": ""}})
               + ev({"function_call": {"arguments": '{"path":"/"}'}}) + ev({}, "function_call") + "data: [DONE]\n\n")
     upstream.enqueue(Reply(body=stream.encode(), headers=[("content-type", "text/event-stream")], chunk_sizes="random"))
-    seen = []
-    with pytest.raises(openai.APIError, match="legacy function_call"):
-        for chunk in client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
-                                                    functions=[{"name": "rm_rf", "parameters": {"type": "object"}}],
-                                                    stream=True):
-            seen.append(chunk.choices[0].delta.function_call if chunk.choices else None)
-    assert not any(seen)
+    calls, text, finish = [], "", None
+    for chunk in client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                                functions=functions, stream=True):
+        for c in chunk.choices:
+            calls.append(c.delta.function_call)
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert not any(calls) and text == marker and finish == "stop"

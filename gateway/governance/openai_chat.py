@@ -244,12 +244,25 @@ class _Entry:
         self.more: list[bytes] | None = None
 
 
+class _Legacy:
+    """A call of the legacy `functions` API being streamed, and every frame since it began."""
+
+    __slots__ = ("choice", "held", "name", "parts", "tc")
+
+    def __init__(self) -> None:
+        self.choice = None
+        self.name = ""
+        self.parts: list[str] = []
+        self.held: list = []
+        self.tc: ToolCall | None = None
+
+
 _NO_FIRSTS: list = []  # shared, never appended to: `_hold_or_pass` gives an entry its own list
 
 
 class Governor(EventGovernor):
-    __slots__ = ("_choices", "_deferred", "_deferred_size", "_denials", "_first_held", "_held", "_idle", "_legacy_seen",
-                 "_marker_head", "_meta", "_n_open", "_pend", "_texted")
+    __slots__ = ("_choices", "_deferred", "_deferred_size", "_denials", "_first_held", "_held", "_idle", "_legacy",
+                 "_legacy_seen", "_marker_head", "_meta", "_n_open", "_pend", "_texted")
 
     def __init__(self, path: str = "/chat/completions", content_type: str = "text/event-stream",
                  enforce: bool = True) -> None:
@@ -268,6 +281,7 @@ class Governor(EventGovernor):
         self._idle = True  # no call open and nothing held: frames without "tool_calls" pass untouched
         self._meta: dict | None = None
         self._marker_head: bytes | None = None
+        self._legacy: _Legacy | None = None  # a legacy function_call being held (enforce mode)
         self._legacy_seen = False
 
     # -- events ---------------------------------------------------------------------
@@ -469,18 +483,20 @@ class Governor(EventGovernor):
             return b""
         data = ev.data
         raw = ev.raw
+        if self._legacy is not None:
+            return self._legacy_event(ev)
         if (_FUNCTION_CALL in raw or (b"\\" in raw and ESCAPED in raw)) and _legacy_call(data):
-            # A call of the legacy `functions` API: streamed, it is not governed yet. Enforce
-            # mode stops the stream rather than pass it undecided.
+            # A call of the legacy `functions` API (one per message): from here every frame
+            # is held until the call's choice finishes; then it is decided (`_legacy_release`).
             if self.enforce:
-                self._dead = True
-                self.pending.clear()
-                self._held.clear()
-                return self.error("sidegate: the answer holds a legacy function_call, which is not governed "
-                                  "in streams; the stream was stopped (use tools)")
-            if not self._legacy_seen:
+                if self._held or self._n_open:
+                    return self._legacy_stop("alongside tool calls")
+                self._legacy = _Legacy()
+                self._idle = False
+                return self._legacy_event(ev)
+            if not self._legacy_seen:  # observe mode never holds: the call passes, unrecorded
                 self._legacy_seen = True
-                log.warning("openai: a legacy function_call passed ungoverned (observe mode)")
+                log.warning("openai: a streamed legacy function_call passed ungoverned (observe mode)")
         chunk = None
         done = False
         if data == b"[DONE]":
@@ -532,6 +548,104 @@ class Governor(EventGovernor):
         else:
             owners = touched
         return self._hold_or_pass(ev, chunk, slots, owners, roles)
+
+    # -- the legacy `functions` API -----------------------------------------------------
+    def _legacy_event(self, ev) -> bytes:
+        """Hold one frame of a stream with a legacy call open; complete the call when its
+        choice finishes (or the stream ends)."""
+        lg = self._legacy
+        lg.held.append(ev)
+        data = ev.data
+        if data == b"[DONE]":
+            return self._legacy_complete()
+        try:
+            obj = _decode(data) if data else None
+        except msgspec.DecodeError:
+            obj = None
+        for ch in (obj.get("choices") or ()) if isinstance(obj, dict) else ():
+            if not isinstance(ch, dict):
+                continue
+            index = ch.get("index", 0)
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                if delta.get("tool_calls"):
+                    return self._legacy_stop("alongside tool calls")
+                fc = delta.get("function_call")
+                if isinstance(fc, dict):
+                    if lg.choice is None:
+                        lg.choice = index
+                    elif index != lg.choice or lg.tc is not None:
+                        return self._legacy_stop("in two choices")
+                    name = fc.get("name")
+                    if isinstance(name, str) and name and name != lg.name:
+                        lg.name += name
+                    if fc.get("arguments") is not None:
+                        lg.parts.append(as_text(fc.get("arguments")))
+            if index == lg.choice and ch.get("finish_reason"):
+                return self._legacy_complete()
+        return b""
+
+    def _legacy_complete(self) -> bytes:
+        lg = self._legacy
+        if lg.tc is None:
+            lg.tc = ToolCall(lg.name, "".join(lg.parts), None, 0)
+            self.calls.append(lg.tc)
+            self.pending.append(lg.tc)
+        return b""
+
+    def _legacy_stop(self, why: str) -> bytes:
+        # a shape the legacy path does not govern: stop rather than pass it undecided
+        self._dead = True
+        self.pending.clear()
+        self._held.clear()
+        self._legacy = None
+        return self.error(f"sidegate: the answer holds a legacy function_call {why}, which is not governed; "
+                          "the stream was stopped")
+
+    def _legacy_release(self, verdict: Verdict) -> bytes:
+        """The held frames: as they came when the call is allowed; else without the call,
+        the marker in its place and `function_call` finishes turned into `stop`."""
+        lg, self._legacy = self._legacy, None
+        self._update_idle()
+        if verdict.allowed:
+            return b"".join(ev.raw for ev in lg.held)
+        self._denials = True
+        st = self._choices.get(lg.choice)
+        if st is None:
+            st = self._choices[lg.choice] = _ChoiceState(lg.choice)
+        call = _Call(st, 0)
+        call.name, call.verdict = lg.name, verdict
+        out = []
+        marked = False
+        for ev in lg.held:
+            try:
+                obj = _decode(ev.data) if ev.data and ev.data != b"[DONE]" else None
+            except msgspec.DecodeError:
+                obj = None
+            chs = obj.get("choices") if isinstance(obj, dict) else None
+            changed = False
+            for ch in chs or ():
+                if not isinstance(ch, dict) or ch.get("index", 0) != lg.choice:
+                    continue
+                delta = ch.get("delta")
+                if isinstance(delta, dict) and "function_call" in delta:
+                    del delta["function_call"]
+                    changed = True
+                if ch.get("finish_reason") == "function_call":
+                    ch["finish_reason"] = "stop"
+                    changed = True
+            if not changed:
+                out.append(ev.raw)
+                continue
+            if self._meta is None:
+                self._meta = {k: obj[k] for k in ("id", "object", "created", "model") if k in obj}
+            only = len(chs) == 1 and not chs[0].get("delta") and not chs[0].get("finish_reason") and not obj.get("usage")
+            if not only:  # (a frame that carried nothing but the call's fragment goes)
+                out.append(sse_frame(ev, _encode(obj)))
+            if not marked:
+                out.append(self._marker(ev, call))
+                marked = True
+        return b"".join(out)
 
     def _continuation(self, chunk: _Chunk):
         """The open call whose next fragment is all this chunk carries, if that is all."""
@@ -626,6 +740,8 @@ class Governor(EventGovernor):
 
     # -- verdicts -------------------------------------------------------------------------
     def on_verdicts(self, calls: list[ToolCall], verdicts: list[Verdict]) -> bytes:
+        if self._legacy is not None and calls and calls[0] is self._legacy.tc:
+            return self._legacy_release(verdicts[0])
         mine, self._pend = self._pend, []
         for call, verdict in zip(mine, verdicts):
             call.verdict = verdict
@@ -634,6 +750,8 @@ class Governor(EventGovernor):
         return self._release()
 
     def on_close(self) -> bytes:
+        if self._legacy is not None:  # the stream ended inside the legacy call
+            return self._legacy_complete()
         for st in self._choices.values():
             for call in st.open:
                 self._complete(call)
