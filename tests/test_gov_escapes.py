@@ -305,6 +305,14 @@ def test_chat_stream_legacy_function_call_is_governed(how):
     assert run_governor(allowed, pieces, lambda call: Verdict("allow")) == body
     observe = chat.Governor("/v1/openai/chat/completions", "text/event-stream", False)
     assert run_governor(observe, pieces, lambda call: DENY) == body
+    assert [(c.name, c.arguments) for c in observe.calls] == [("rm_rf", '{"path":"/"}')]  # recorded, not held
+
+
+def test_chat_stream_legacy_function_call_cut_short_is_still_decided():
+    """The stream ends inside the call (no finish, no [DONE]): the call is decided at the end."""
+    frames = _legacy_stream()[:-2]
+    out, gov = govern(chat, "/v1/openai/chat/completions", "text/event-stream", frames)
+    assert [c.name for c in gov.calls] == ["rm_rf"] and b"path" not in out and DENY.text("rm_rf").encode() in out
 
 
 def test_chat_stream_legacy_function_call_beside_tool_calls_is_stopped():
@@ -318,3 +326,5 @@ def test_chat_stream_legacy_function_call_beside_tool_calls_is_stopped():
     out, gov = govern(chat, "/v1/openai/chat/completions", "text/event-stream", frames)
     assert b"rm_rf" not in out and b"other" not in out
     assert b"legacy function_call alongside tool calls, which is not governed" in out
+    observe = chat.Governor("/v1/openai/chat/completions", "text/event-stream", False)
+    assert run_governor(observe, frames, lambda call: DENY) == b"".join(frames)

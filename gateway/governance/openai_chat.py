@@ -27,7 +27,6 @@ keeps its bytes (and its indices, even a first call at index 1). `finish_reason`
 
 from __future__ import annotations
 
-import logging
 import re
 
 import msgspec
@@ -39,7 +38,6 @@ from .base import ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_cal
 
 __all__ = ["Governor", "extract", "rewrite"]
 
-log = logging.getLogger("sidegate.governance")
 _TOOL_CALLS = b'"tool_calls"'
 _FUNCTION_CALL = b'"function_call"'  # the legacy `functions` API's one call per message
 _NO_TEXT = b'"content":""'
@@ -262,7 +260,7 @@ _NO_FIRSTS: list = []  # shared, never appended to: `_hold_or_pass` gives an ent
 
 class Governor(EventGovernor):
     __slots__ = ("_choices", "_deferred", "_deferred_size", "_denials", "_first_held", "_held", "_idle", "_legacy",
-                 "_legacy_seen", "_marker_head", "_meta", "_n_open", "_pend", "_texted")
+                 "_marker_head", "_meta", "_n_open", "_pend", "_texted")
 
     def __init__(self, path: str = "/chat/completions", content_type: str = "text/event-stream",
                  enforce: bool = True) -> None:
@@ -282,7 +280,6 @@ class Governor(EventGovernor):
         self._meta: dict | None = None
         self._marker_head: bytes | None = None
         self._legacy: _Legacy | None = None  # a legacy function_call being held (enforce mode)
-        self._legacy_seen = False
 
     # -- events ---------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
@@ -488,15 +485,12 @@ class Governor(EventGovernor):
         if (_FUNCTION_CALL in raw or (b"\\" in raw and ESCAPED in raw)) and _legacy_call(data):
             # A call of the legacy `functions` API (one per message): from here every frame
             # is held until the call's choice finishes; then it is decided (`_legacy_release`).
+            if self.enforce and (self._held or self._n_open):
+                return self._legacy_stop("alongside tool calls")
+            self._legacy = _Legacy()
             if self.enforce:
-                if self._held or self._n_open:
-                    return self._legacy_stop("alongside tool calls")
-                self._legacy = _Legacy()
                 self._idle = False
-                return self._legacy_event(ev)
-            if not self._legacy_seen:  # observe mode never holds: the call passes, unrecorded
-                self._legacy_seen = True
-                log.warning("openai: a streamed legacy function_call passed ungoverned (observe mode)")
+            return self._legacy_event(ev)
         chunk = None
         done = False
         if data == b"[DONE]":
@@ -554,10 +548,15 @@ class Governor(EventGovernor):
         """Hold one frame of a stream with a legacy call open; complete the call when its
         choice finishes (or the stream ends)."""
         lg = self._legacy
-        lg.held.append(ev)
+        if self.enforce:
+            lg.held.append(ev)
+            passed = b""
+        else:
+            passed = ev.raw  # observe mode never holds: the call is only noted
         data = ev.data
         if data == b"[DONE]":
-            return self._legacy_complete()
+            self._legacy_complete()
+            return passed
         try:
             obj = _decode(data) if data else None
         except msgspec.DecodeError:
@@ -569,31 +568,37 @@ class Governor(EventGovernor):
             delta = ch.get("delta")
             if isinstance(delta, dict):
                 if delta.get("tool_calls"):
-                    return self._legacy_stop("alongside tool calls")
+                    return self._legacy_stop("alongside tool calls", ev)
                 fc = delta.get("function_call")
                 if isinstance(fc, dict):
                     if lg.choice is None:
                         lg.choice = index
                     elif index != lg.choice or lg.tc is not None:
-                        return self._legacy_stop("in two choices")
+                        return self._legacy_stop("in two choices", ev)
                     name = fc.get("name")
                     if isinstance(name, str) and name and name != lg.name:
                         lg.name += name
                     if fc.get("arguments") is not None:
                         lg.parts.append(as_text(fc.get("arguments")))
             if index == lg.choice and ch.get("finish_reason"):
-                return self._legacy_complete()
-        return b""
+                self._legacy_complete()
+                return passed
+        return passed
 
     def _legacy_complete(self) -> bytes:
         lg = self._legacy
         if lg.tc is None:
             lg.tc = ToolCall(lg.name, "".join(lg.parts), None, 0)
             self.calls.append(lg.tc)
-            self.pending.append(lg.tc)
+            self.pending.append(lg.tc)  # (observe mode: decided beside the stream)
+        if not self.enforce:
+            self._legacy = None
         return b""
 
-    def _legacy_stop(self, why: str) -> bytes:
+    def _legacy_stop(self, why: str, ev=None) -> bytes:
+        if not self.enforce:  # observe: the legacy call is no longer followed; the frame goes the usual way
+            self._legacy = None
+            return self._slow(ev) if ev is not None else b""
         # a shape the legacy path does not govern: stop rather than pass it undecided
         self._dead = True
         self.pending.clear()
