@@ -328,3 +328,21 @@ def test_chat_stream_legacy_function_call_beside_tool_calls_is_stopped():
     assert b"legacy function_call alongside tool calls, which is not governed" in out
     observe = chat.Governor("/v1/openai/chat/completions", "text/event-stream", False)
     assert run_governor(observe, frames, lambda call: DENY) == b"".join(frames)
+
+
+def test_chat_stream_legacy_call_and_tool_call_in_one_delta():
+    """One delta with both a legacy function_call and tool_calls: enforce mode stops the
+    stream before either; observe mode stops following the legacy call and relays the stream
+    untouched, recording the tool call (it once recursed without end here)."""
+    frames = _legacy_stream()
+    both = json.loads(frames[2][6:])
+    both["choices"][0]["delta"]["tool_calls"] = [{"index": 0, "id": "c1", "type": "function",
+                                                  "function": {"name": "other", "arguments": "{}"}}]
+    frames[2] = b"data: " + json.dumps(both).encode() + b"\n\n"
+    body = b"".join(frames)
+    for how, pieces in splits(body, frames):
+        out, _ = govern(chat, "/v1/openai/chat/completions", "text/event-stream", pieces)
+        assert b"rm_rf" not in out and b"other" not in out and b"not governed" in out, how
+        observe = chat.Governor("/v1/openai/chat/completions", "text/event-stream", False)
+        assert run_governor(observe, pieces, lambda call: DENY) == body, how
+        assert [c.name for c in observe.calls] == ["other"], how

@@ -67,6 +67,7 @@ class _Delta(msgspec.Struct, gc=False):
     role: object = None
     content: object = None
     tool_calls: list[_TC] | None = None
+    function_call: object = None  # the legacy `functions` API's call
 
 
 class _Choice(msgspec.Struct, gc=False):
@@ -254,6 +255,10 @@ class _Legacy:
         self.held: list = []
         self.tc: ToolCall | None = None
 
+
+# Observe mode gave up following a legacy call (a shape the legacy path does not govern):
+# the stream's frames go the usual way from then on.
+_UNFOLLOWED = _Legacy()
 
 _NO_FIRSTS: list = []  # shared, never appended to: `_hold_or_pass` gives an entry its own list
 
@@ -478,19 +483,10 @@ class Governor(EventGovernor):
     def _slow(self, ev) -> bytes:
         if self._dead:
             return b""
+        lg = self._legacy
+        if lg is not None and lg is not _UNFOLLOWED:
+            return self._legacy_event(ev)
         data = ev.data
-        raw = ev.raw
-        if self._legacy is not None:
-            return self._legacy_event(ev)
-        if (_FUNCTION_CALL in raw or (b"\\" in raw and ESCAPED in raw)) and _legacy_call(data):
-            # A call of the legacy `functions` API (one per message): from here every frame
-            # is held until the call's choice finishes; then it is decided (`_legacy_release`).
-            if self.enforce and (self._held or self._n_open):
-                return self._legacy_stop("alongside tool calls")
-            self._legacy = _Legacy()
-            if self.enforce:
-                self._idle = False
-            return self._legacy_event(ev)
         chunk = None
         done = False
         if data == b"[DONE]":
@@ -500,6 +496,15 @@ class Governor(EventGovernor):
                 chunk = _chunk_decoder.decode(data)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 chunk = None
+        if lg is None and chunk is not None and _legacy_delta(chunk):
+            # A call of the legacy `functions` API (one per message): from here every frame
+            # is held until the call's choice finishes; then it is decided (`_legacy_release`).
+            if self.enforce and (self._held or self._n_open):
+                return self._legacy_stop("alongside tool calls")
+            self._legacy = _Legacy()
+            if self.enforce:
+                self._idle = False
+            return self._legacy_event(ev)
         if chunk is None and not done:
             return self._hold_or_pass(ev, None, (), (), ())
         if chunk is not None and self.enforce:
@@ -597,7 +602,7 @@ class Governor(EventGovernor):
 
     def _legacy_stop(self, why: str, ev=None) -> bytes:
         if not self.enforce:  # observe: the legacy call is no longer followed; the frame goes the usual way
-            self._legacy = None
+            self._legacy = _UNFOLLOWED
             return self._slow(ev) if ev is not None else b""
         # a shape the legacy path does not govern: stop rather than pass it undecided
         self._dead = True
@@ -745,7 +750,8 @@ class Governor(EventGovernor):
 
     # -- verdicts -------------------------------------------------------------------------
     def on_verdicts(self, calls: list[ToolCall], verdicts: list[Verdict]) -> bytes:
-        if self._legacy is not None and calls and calls[0] is self._legacy.tc:
+        lg = self._legacy
+        if lg is not None and lg.tc is not None and calls and calls[0] is lg.tc:
             return self._legacy_release(verdicts[0])
         mine, self._pend = self._pend, []
         for call, verdict in zip(mine, verdicts):
@@ -755,7 +761,7 @@ class Governor(EventGovernor):
         return self._release()
 
     def on_close(self) -> bytes:
-        if self._legacy is not None:  # the stream ended inside the legacy call
+        if self._legacy is not None and self._legacy is not _UNFOLLOWED:  # the stream ended inside the legacy call
             return self._legacy_complete()
         for st in self._choices.values():
             for call in st.open:
@@ -1050,15 +1056,10 @@ def body_to_rewrite(body: bytes, needle: bytes, body_calls, calls: list, verdict
     return obj, found
 
 
-def _legacy_call(data: bytes) -> bool:
-    """Whether a chunk's delta carries a legacy `function_call`."""
-    try:
-        obj = _decode(data)
-    except msgspec.DecodeError:
-        return False
-    for ch in (obj.get("choices") or ()) if isinstance(obj, dict) else ():
-        delta = ch.get("delta") if isinstance(ch, dict) else None
-        if isinstance(delta, dict) and delta.get("function_call") is not None:
+def _legacy_delta(chunk: _Chunk) -> bool:
+    """Whether a decoded chunk's delta carries a legacy `function_call`."""
+    for ch in chunk.choices or ():
+        if ch.delta is not None and ch.delta.function_call is not None:
             return True
     return False
 
