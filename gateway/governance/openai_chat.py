@@ -1075,9 +1075,15 @@ def _legacy_calls(obj) -> list[tuple[dict, dict]]:
     return out
 
 
+def _add_text(msg: dict, text: str) -> None:
+    """The marker text into a message's content: on a new line after text it already has."""
+    content = msg.get("content")
+    msg["content"] = content + "\n" + text if isinstance(content, str) and content else text
+
+
 def _load_chat(body: bytes):
     """The decoded body, or None when the byte tests or the decoding say it has no call."""
-    if _TOOL_CALLS not in body and _FUNCTION_CALL not in body and (b"\\" not in body or ESCAPED not in body):
+    if not may_call(body, _TOOL_CALLS) and _FUNCTION_CALL not in body:
         return None
     try:
         return _decode(body)
@@ -1114,9 +1120,7 @@ def rewrite(path: str, body: bytes, calls: list[ToolCall], verdicts: list[Verdic
             continue
         msg = ch["message"]
         del msg["function_call"]
-        content = msg.get("content")
-        text = verdict.text(call.name)
-        msg["content"] = content + "\n" + text if isinstance(content, str) and content else text
+        _add_text(msg, verdict.text(call.name))
         if ch.get("finish_reason") == "function_call":
             ch["finish_reason"] = "stop"
     if legacy:
@@ -1137,9 +1141,7 @@ def rewrite(path: str, body: bytes, calls: list[ToolCall], verdicts: list[Verdic
         for n, tc in enumerate(kept):
             if "index" in tc:
                 tc["index"] = n
-        content = msg.get("content")
-        text = "\n".join(markers)
-        msg["content"] = content + "\n" + text if isinstance(content, str) and content else text
+        _add_text(msg, "\n".join(markers))
         if kept:
             msg["tool_calls"] = kept
         else:
