@@ -57,10 +57,16 @@ class _Fn(msgspec.Struct, gc=False):
     arguments: object = None
 
 
+class _Custom(msgspec.Struct, gc=False):
+    name: object = None
+    input: object = None
+
+
 class _TC(msgspec.Struct, gc=False):
     index: object = None
     id: object = None
     function: _Fn | None = None
+    custom: _Custom | None = None  # a custom tool's call (`"type": "custom"`): free-form input
 
 
 class _Delta(msgspec.Struct, gc=False):
@@ -195,14 +201,19 @@ class _Call:
         fn = tc.function
         if tc.id and not self.id:
             self.id = tc.id
-        if fn is None:
+        if fn is not None:
+            args = fn.arguments
+        elif tc.custom is not None:
+            fn = tc.custom
+            args = fn.input
+        else:
             return
         name = fn.name
         if name and isinstance(name, str) and name != self.name:
             # usually once; some servers repeat the whole name in every fragment
             self.name = name if not self.name else self.name + name
-        if fn.arguments is not None:
-            self.parts.append(as_text(fn.arguments))
+        if args is not None:
+            self.parts.append(as_text(args))
 
     def arguments_whole(self) -> bool:
         args = "".join(self.parts)
@@ -1098,8 +1109,13 @@ def extract(path: str, body: bytes) -> list[ToolCall]:
         return []
     calls = []
     for _, pos, tc in _body_calls(obj):
-        fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
-        calls.append(ToolCall(as_text(fn.get("name")), as_text(fn.get("arguments")), tc.get("id"), pos))
+        fn = tc.get("function")
+        if isinstance(fn, dict):
+            args = fn.get("arguments")
+        else:
+            fn = tc.get("custom") if isinstance(tc.get("custom"), dict) else {}
+            args = fn.get("input")
+        calls.append(ToolCall(as_text(fn.get("name")), as_text(args), tc.get("id"), pos))
     for _, fc in _legacy_calls(obj):
         calls.append(ToolCall(as_text(fc.get("name")), as_text(fc.get("arguments")), None, 0))
     return calls

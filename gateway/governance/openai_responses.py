@@ -6,6 +6,14 @@ type `function_call`: `response.output_item.added` (name, call_id), then
 (the complete item), and the aggregate `response.completed.response.output` repeats it.
 A `custom_tool_call` (free-form input) is governed the same way, through its
 `response.custom_tool_call_input.delta` / `.done` events; its raw input is the arguments.
+The built-in tools the agent itself runs are tool calls too: `shell_call`,
+`local_shell_call`, `apply_patch_call` and `computer_call` items carry no name, so the call
+is named after its tool (`shell`, `local_shell`, `apply_patch`, `computer`) and its
+arguments are the item's `action` (`actions`) or `operation` object as compact JSON. Their
+own events (`response.shell_call_command.*`, `response.apply_patch_call_operation_diff.*`)
+are the call's frames: held with it, and gone with it when it is denied; the arguments are
+read from the complete item (`response.output_item.done`), or from the item as it was
+added when the stream ends first.
 Recent servers number every event (`sequence_number`, dense, from 0 or from the resume
 point).
 
@@ -36,7 +44,7 @@ from .openai_chat import as_text as _text
 from .openai_chat import body_to_rewrite, load_body, one_event
 from .openai_chat import sse_frame as _frame
 
-__all__ = ["Governor", "extract", "rewrite"]
+__all__ = ["Governor", "call_of", "extract", "rewrite"]
 
 # Client-side tool calls: item type -> the item field with the arguments, and the events
 # that stream it. (Server-side tools, e.g. web_search_call or mcp_call, are not the agent's.)
@@ -44,10 +52,21 @@ _KINDS = {
     "function_call": ("arguments", "response.function_call_arguments.delta", "response.function_call_arguments.done"),
     "custom_tool_call": ("input", "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done"),
 }
+# The built-in tools the agent runs: item type -> (the item field with the arguments, the
+# call's name, the event kinds of the item's own frames).
+_BUILTIN = {
+    "shell_call": ("action", "shell", ("response.shell_call_command.added", "response.shell_call_command.delta",
+                                       "response.shell_call_command.done")),
+    "local_shell_call": ("action", "local_shell", ()),
+    "apply_patch_call": ("operation", "apply_patch", ("response.apply_patch_call_operation_diff.delta",
+                                                      "response.apply_patch_call_operation_diff.done")),
+    "computer_call": ("action", "computer", ()),
+}
+_GOVERNED = frozenset(_KINDS) | frozenset(_BUILTIN)
 _DELTAS = frozenset(k[1] for k in _KINDS.values())
 _DONES = frozenset(k[2] for k in _KINDS.values())
-_CALL_EVENTS = _DELTAS | _DONES | {"response.output_item.done"}
-# Cheap test: a governed item's type ends in `_call"` (function_call, custom_tool_call), and
+_CALL_EVENTS = _DELTAS | _DONES | {"response.output_item.done"} | {e for b in _BUILTIN.values() for e in b[2]}
+# Cheap test: a governed item's type ends in `_call"` (function_call, shell_call, ...), and
 # a `"` inside a JSON string is escaped, so text deltas never match.
 _MAYBE_CALL = b'_call"'
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
@@ -63,9 +82,28 @@ class _Item(msgspec.Struct, gc=False):
     name: object = None
     arguments: object = None
     input: object = None
+    action: object = None
+    actions: object = None
+    operation: object = None
 
     def args(self) -> object:
-        return self.input if self.type == "custom_tool_call" else self.arguments
+        return item_args(self.type, self)
+
+    def tool_name(self) -> object:
+        builtin = _BUILTIN.get(self.type)
+        return builtin[1] if builtin is not None else self.name
+
+
+def item_args(kind, item):
+    """A call item's arguments: a field of a decoded `_Item`, or a key of a body's item dict."""
+    spec = _KINDS.get(kind) or _BUILTIN.get(kind)
+    if spec is None:
+        return None
+    get = item.get if isinstance(item, dict) else item.__getattribute__
+    value = get(spec[0])
+    if value is None and kind == "computer_call":  # a batch of actions (the GA computer tool)
+        value = get("actions")
+    return value
 
 
 class _Event(msgspec.Struct, gc=False):
@@ -131,8 +169,9 @@ class _Call:
         self.output_index = output_index
         self.item_id = item.id
         self.call_id = item.call_id
-        self.name = _text(item.name)
-        self.parts = [_text(item.args())] if item.args() else []
+        self.name = _text(item.tool_name())
+        args = item.args()
+        self.parts = [_text(args)] if args else []
         self.arguments: str | None = None  # the final arguments once known
         self.tc: ToolCall | None = None
         self.verdict: Verdict | None = None
@@ -188,7 +227,7 @@ class Governor(EventGovernor):
         trigger = False
         if head is not None:
             kind = head.type
-            if kind == "response.output_item.added" and head.item is not None and head.item.type in _KINDS:
+            if kind == "response.output_item.added" and head.item is not None and head.item.type in _GOVERNED:
                 call = _Call(head.output_index, head.item)
                 self._open[head.output_index] = call
                 self._calls[head.output_index] = call
@@ -203,11 +242,12 @@ class Governor(EventGovernor):
                         done = head.input if kind == "response.custom_tool_call_input.done" else head.arguments
                         if done is not None:
                             call.arguments = _text(done)
-                    elif head.item is not None:
+                    elif kind == "response.output_item.done" and head.item is not None:
                         item = head.item
-                        if item.args() is not None:
-                            call.arguments = _text(item.args())
-                        if item.name:
+                        args = item.args()
+                        if args is not None:
+                            call.arguments = _text(args)
+                        if item.name and call.type in _KINDS:
                             call.name = _text(item.name)
                         if item.call_id and not call.call_id:
                             call.call_id = item.call_id
@@ -377,7 +417,7 @@ def _patch_output(response: dict, denied: dict) -> bool:
         return False
     changed = False
     for n, item in enumerate(output):
-        if isinstance(item, dict) and item.get("type") in _KINDS:
+        if isinstance(item, dict) and item.get("type") in _GOVERNED:
             message = denied.get(_item_key(item.get("id"), item.get("call_id"), n))
             if message is not None:
                 output[n] = message
@@ -393,7 +433,7 @@ def _body_calls(obj) -> list[tuple[list, int, dict]]:
     if not isinstance(output, list):
         return out
     for n, item in enumerate(output):
-        if isinstance(item, dict) and item.get("type") in _KINDS:
+        if isinstance(item, dict) and item.get("type") in _GOVERNED:
             out.append((output, n, item))
     return out
 
@@ -402,8 +442,16 @@ def extract(path: str, body: bytes) -> list[ToolCall]:
     obj = load_body(body, _MAYBE_CALL)
     if obj is None:
         return []
-    return [ToolCall(_text(item.get("name")), _text(item.get(_KINDS[item["type"]][0])), item.get("call_id"), n)
-            for _, n, item in _body_calls(obj)]
+    return [ToolCall(*call_of(item), item.get("call_id"), n) for _, n, item in _body_calls(obj)]
+
+
+def call_of(item: dict) -> tuple[str, str] | None:
+    """An output item (a dict) as (tool name, arguments), when it is a call the agent runs."""
+    kind = item.get("type")
+    if kind not in _GOVERNED:
+        return None
+    builtin = _BUILTIN.get(kind)
+    return _text(builtin[1] if builtin is not None else item.get("name")), _text(item_args(kind, item))
 
 
 def rewrite(path: str, body: bytes, calls: list[ToolCall], verdicts: list[Verdict]) -> bytes:
