@@ -375,3 +375,59 @@ def test_legacy_function_call_is_governed(pgw, upstream):
             text += c.delta.content or ""
             finish = c.finish_reason or finish
     assert not any(calls) and text == marker and finish == "stop"
+
+
+# -- OpenAI tool calls that are not functions: built-in tools the agent runs, custom tools ----
+
+@pytest.mark.parametrize("kind", ["shell_call", "local_shell_call", "apply_patch_call", "computer_call"])
+def test_responses_builtin_tool_call_is_governed(pgw, upstream, kind):
+    """A Responses shell / local_shell / apply_patch / computer call through the gateway and
+    the openai SDK: a rule on the tool's name and its arguments denies it, and the SDK reads
+    the marker where the call was."""
+    import openai
+
+    from tests.test_gov_openai_builtin import BUILTINS, builtin_stream
+
+    name = BUILTINS[kind][0]
+    pgw.set_policy(f"default: allow\nrules:\n  - {{name: no-rm, tool: '^{name}$', args: 'rm -rf', decision: deny, "
+                   "reason: destructive}\n")
+    upstream.enqueue(Reply(body=builtin_stream(kind), headers=[("content-type", "text/event-stream")],
+                           chunk_sizes="random"))
+    client = openai.OpenAI(base_url=pgw.gw.url + "/v1/openai/v1", api_key="sk-test", max_retries=0, timeout=20)
+    with client.responses.stream(model="gpt-5", input="clean up") as s:
+        for _ in s:
+            pass
+        final = s.get_final_response()
+    assert [o.type for o in final.output] == ["reasoning", "message"]
+    assert final.output_text == f"[SIDEGATE DENIED] tool={name} reason=destructive"
+    # whole answers too
+    done = next(json.loads(b[6:]) for b in builtin_stream(kind).split(b"\n") if b.startswith(b'data: {"type": "response.completed"'))
+    upstream.enqueue(Reply(body=json.dumps(done["response"]).encode(), headers=[("content-type", "application/json")]))
+    got = client.responses.create(model="gpt-5", input="clean up")
+    assert [o.type for o in got.output] == ["reasoning", "message"]
+    assert got.output_text == f"[SIDEGATE DENIED] tool={name} reason=destructive"
+
+
+def test_chat_custom_tool_call_is_governed(pgw, upstream):
+    import openai
+
+    from tests.test_gov_openai_builtin import custom_chat_stream
+
+    pgw.set_policy("default: allow\nrules:\n  - {name: capitals, tool: '^get_capital$', decision: deny, reason: 'no'}\n")
+    client = openai.OpenAI(base_url=pgw.gw.url + "/v1/openai/v1", api_key="sk-test", max_retries=0, timeout=20)
+    upstream.enqueue(Reply(body=custom_chat_stream(), headers=[("content-type", "text/event-stream")],
+                           chunk_sizes="random"))
+    text, calls, finish = "", [], None
+    for chunk in client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}], stream=True):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            calls += c.delta.tool_calls or []
+            finish = c.finish_reason or finish
+    assert calls == [] and text == "[SIDEGATE DENIED] tool=get_capital reason=no" and finish == "stop"
+    body = {"id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": "gpt-5", "choices": [
+        {"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "custom", "custom": {"name": "get_capital", "input": "UK"}}]}}]}
+    upstream.enqueue(Reply(body=json.dumps(body).encode(), headers=[("content-type", "application/json")]))
+    msg = client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}]).choices[0]
+    assert msg.message.tool_calls is None and msg.finish_reason == "stop"
+    assert msg.message.content == "[SIDEGATE DENIED] tool=get_capital reason=no"
