@@ -23,6 +23,8 @@ from typing import Iterable, NamedTuple
 
 import msgspec
 
+from ..governance.openai_responses import call_of as responses_call_of
+
 __all__ = ["Usage", "usage_of", "find_usage", "response_view", "request_view", "Reply", "Request",
            "is_stream", "model_in_body"]
 
@@ -563,8 +565,8 @@ def _openai_chat_reply(objs: list, stream: bool) -> Reply:
         if isinstance(r.text, list):
             r.text = "".join(p.get("text", "") for p in r.text if isinstance(p, dict))
         for c in msg.get("tool_calls") or []:
-            fn = c.get("function") or {}
-            r.tool_calls.append({"name": fn.get("name", ""), "arguments": fn.get("arguments") or "{}",
+            fn = c.get("function") or c.get("custom") or {}  # (a custom tool's call: free-form input)
+            r.tool_calls.append({"name": fn.get("name", ""), "arguments": fn.get("arguments") or fn.get("input") or "{}",
                                  "call_id": c.get("id")})
         r.stop_reason = ch.get("finish_reason")
         return r
@@ -586,11 +588,12 @@ def _openai_chat_reply(objs: list, stream: bool) -> Reply:
                 c = calls.setdefault(tc.get("index", 0), {"name": "", "arguments": "", "call_id": None})
                 if tc.get("id"):
                     c["call_id"] = tc["id"]
-                fn = tc.get("function") or {}
+                fn = tc.get("function") or tc.get("custom") or {}
                 if fn.get("name"):
                     c["name"] += fn["name"]
-                if fn.get("arguments"):
-                    c["arguments"] += fn["arguments"]
+                args = fn.get("arguments") or fn.get("input")
+                if args:
+                    c["arguments"] += args
             if ch.get("finish_reason"):
                 r.stop_reason = ch["finish_reason"]
     r.text = "".join(text)
@@ -606,14 +609,21 @@ def _responses_output(resp: dict, r: Reply) -> None:
             for part in item.get("content") or []:
                 if part.get("type") == "output_text":
                     text.append(part.get("text", ""))
-        elif t == "function_call":
-            r.tool_calls.append({"name": item.get("name", ""), "arguments": item.get("arguments") or "{}",
-                                 "call_id": item.get("call_id")})
+        elif _responses_call(item) is not None:
+            r.tool_calls.append(_responses_call(item))
     r.text = "".join(text)
     r.stop_reason = resp.get("status")
     r.model = resp.get("model")
     if resp.get("error"):
         r.error = _err_text(resp["error"])
+
+
+def _responses_call(item: dict) -> dict | None:
+    """A function, custom or built-in tool (shell, apply_patch, ...) call item, as governance names it."""
+    call = responses_call_of(item) if isinstance(item, dict) else None
+    if call is None:
+        return None
+    return {"name": call[0], "arguments": call[1] or "{}", "call_id": item.get("call_id")}
 
 
 def _responses_reply(objs: list, stream: bool) -> Reply:
@@ -629,10 +639,8 @@ def _responses_reply(objs: list, stream: bool) -> Reply:
             return r
         if t == "response.output_text.delta":
             text.append(obj.get("delta", ""))
-        elif t == "response.output_item.done" and (obj.get("item") or {}).get("type") == "function_call":
-            it = obj["item"]
-            items.append({"name": it.get("name", ""), "arguments": it.get("arguments") or "{}",
-                          "call_id": it.get("call_id")})
+        elif t == "response.output_item.done" and _responses_call(obj.get("item") or {}) is not None:
+            items.append(_responses_call(obj["item"]))
         elif t == "error" or (t is None and isinstance(obj, dict) and "error" in obj):
             r.error = _err_text(obj.get("error") or obj)
             r.stop_reason = "failed"
