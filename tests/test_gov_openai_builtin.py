@@ -259,3 +259,40 @@ def test_trace_view_shows_chat_custom_calls():
 
     r = response_view("openai", "/v1/chat/completions", "text/event-stream", custom_chat_stream())
     assert [(c["name"], json.loads(c["arguments"])) for c in r.tool_calls] == [("get_capital", {"country": "UK"})]
+
+
+# -- a call the stream carries only complete, or only in its final aggregate -------------------
+
+def _without_item_events(body: bytes, keep_done: bool) -> bytes:
+    """The recorded stream without its call's item events (all of them, or all but the done)."""
+    blocks = [b for b in body.split(b"\n\n") if b]
+    out = [b for b in blocks if b'"output_index":1' not in b or (keep_done and b"response.output_item.done" in b)]
+    return b"".join(b + b"\n\n" for b in out)
+
+
+@pytest.mark.parametrize("keep_done", [True, False], ids=["only-item-done", "only-aggregate"])
+def test_responses_call_without_its_item_events_is_governed(fake, keep_done):
+    """The SDKs take the final output from `response.completed`: a call that only it (or
+    only an `output_item.done`) carries is a call all the same."""
+    body = _without_item_events(load_fixture("openai-responses/pai-responses-reasoning-function-call.sse"), keep_done)
+    assert body.count(b'"type":"function_call"') == (2 if keep_done else 1)
+    out, gov = govern(resp, body, lambda c: ALLOW, seed=6)
+    assert out == body
+    assert [(c.name, c.arguments) for c in gov.calls] == [("final_result", '{"result":6666}')]
+    out, gov = govern(resp, body, lambda c: deny("no"), enforce=False, seed=6)
+    assert out == body and len(gov.calls) == 1
+    out, gov = govern(resp, body, lambda c: deny("no"), seed=6)
+    assert len(gov.calls) == 1 and b"function_call" not in out
+    final, _ = sdk_response(fake, out)
+    assert [o.type for o in final.output] == ["reasoning", "message"]
+    assert final.output_text == "[SIDEGATE DENIED] tool=final_result reason=no"
+
+
+def test_responses_aggregate_does_not_govern_a_call_twice():
+    body = load_fixture("openai-responses/pai-responses-reasoning-function-call.sse")
+    for strip in (b'"id":"fc_0050471a34b36ae60068c97bf19d9c819590eaf42c0edc1042",', b'"call_id":"call_CWXgs68YprAjp6t0371hiPOI",'):
+        # an id the item events do not carry but the aggregate does (or the other way round)
+        blocks = body.split(b"\n\n")
+        odd = b"\n\n".join(b.replace(strip, b"") if b"response.completed" not in b else b for b in blocks)
+        out, gov = govern(resp, odd, lambda c: deny(), seed=8)
+        assert len(gov.calls) == 1 and b"function_call" not in out

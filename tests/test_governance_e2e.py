@@ -431,3 +431,15 @@ def test_chat_custom_tool_call_is_governed(pgw, upstream):
     msg = client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}]).choices[0]
     assert msg.message.tool_calls is None and msg.finish_reason == "stop"
     assert msg.message.content == "[SIDEGATE DENIED] tool=get_capital reason=no"
+
+
+def test_responses_call_only_in_the_final_aggregate_is_governed(pgw, upstream):
+    """A stream whose call has no item events: the SDK still reads it from
+    `response.completed`, so the gateway decides it there."""
+    from tests.test_gov_openai_builtin import _without_item_events
+
+    pgw.set_policy("default: deny\nrules: []\n")
+    body = _without_item_events(load_fixture("openai-responses/pai-responses-reasoning-function-call.sse"), False)
+    upstream.enqueue(Reply(body=body, headers=[("content-type", "text/event-stream")], chunk_sizes="random"))
+    out = sdk.openai_responses(pgw.gw.url)
+    assert out.tool_calls == [] and out.text == "[SIDEGATE DENIED] tool=final_result reason=no rule matched"

@@ -18,7 +18,9 @@ Recent servers number every event (`sequence_number`, dense, from 0 or from the 
 point).
 
 A call is complete at its `response.output_item.done` (or, if that never comes, at a
-terminal event or the end of the stream). Output items stream one after the other, so in
+terminal event or the end of the stream). The SDKs take the final output from the terminal
+event's aggregate, so a call that only the aggregate carries (or only an
+`output_item.done`) is a call too: decided there, and patched out of it when denied. Output items stream one after the other, so in
 enforce mode every event from a call's `output_item.added` on is held until its verdict:
 that keeps the stream's order, and its sequence numbers, exactly as they came when the
 call is allowed.
@@ -106,8 +108,12 @@ def item_args(kind, item):
     return value
 
 
+class _Aggregate(msgspec.Struct, gc=False):
+    output: list[_Item] | None = None
+
+
 class _Event(msgspec.Struct, gc=False):
-    """The top-level fields governance reads (the rest, `response` included, is skipped)."""
+    """The top-level fields governance reads (of `response`, the output items only)."""
 
     type: object = None
     sequence_number: object = None
@@ -117,6 +123,7 @@ class _Event(msgspec.Struct, gc=False):
     delta: object = None
     arguments: object = None
     input: object = None
+    response: _Aggregate | None = None
 
 
 _event_decoder = msgspec.json.Decoder(_Event)
@@ -139,13 +146,12 @@ def _message_id(item_id, call_id, position) -> str:
     return f"msg_sidegate_{position}"
 
 
-def _item_key(item_id, call_id, position):
-    """How a call's item is found again in the aggregate `output`: id, else call_id, else place."""
-    if item_id:
-        return item_id
-    if call_id:
-        return ("call_id", call_id)
-    return ("position", position)
+def _item_keys(item_id, call_id, position) -> list:
+    """How a call's item is found again in the aggregate `output`: by its id or its call_id
+    (either: a server may spell one only in the item events or only in the aggregate), by its
+    place only when it has neither."""
+    keys = [k for k in (item_id, ("call_id", call_id) if call_id else None) if k]
+    return keys or [("position", position)]
 
 
 class _Call:
@@ -191,7 +197,7 @@ class Governor(EventGovernor):
         self._held: list = []       # [ev, decoded _Event | None, _Call | None]
         self._pend: list[_Call] = []
         self._shift = 0             # added to every later sequence_number
-        self._denied: dict = {}     # _item_key of a denied call -> its replacement message item
+        self._denied: dict = {}     # _item_keys of a denied call -> its replacement message item
 
     # -- events -------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
@@ -228,13 +234,12 @@ class Governor(EventGovernor):
         if head is not None:
             kind = head.type
             if kind == "response.output_item.added" and head.item is not None and head.item.type in _GOVERNED:
-                call = _Call(head.output_index, head.item)
-                self._open[head.output_index] = call
-                self._calls[head.output_index] = call
-                if head.item.id:
-                    self._calls[head.item.id] = call
+                call = self._add(head.output_index, head.item)
             elif kind in _CALL_EVENTS:
                 call = self._find(head)
+                if call is None and kind == "response.output_item.done" and head.item is not None \
+                        and head.item.type in _GOVERNED:
+                    call = self._add(head.output_index, head.item)  # a call first seen complete
                 if call is not None and call.tc is None:
                     if kind in _DELTAS:
                         call.parts.append(_text(head.delta))
@@ -252,10 +257,20 @@ class Governor(EventGovernor):
                         if item.call_id and not call.call_id:
                             call.call_id = item.call_id
                         self._complete(call)
-            elif kind in _TERMINAL and self._open:
-                trigger = True
-                for open_call in list(self._open.values()):
-                    self._complete(open_call)
+            elif kind in _TERMINAL:
+                if self._open:
+                    trigger = True
+                    for open_call in list(self._open.values()):
+                        self._complete(open_call)
+                # The SDKs take the final output from this aggregate: a call only it carries
+                # (no item events of its own) is decided here, and patched in it when denied.
+                output = head.response.output if head.response is not None else None
+                for n, item in enumerate(output or ()):
+                    if item.type in _GOVERNED and not self._seen(n, item):
+                        unseen = self._add(n, item)
+                        unseen.arguments = _text(item.args())
+                        self._complete(unseen)
+                        trigger = True
         if not self.enforce:
             return raw
         if call is None and not trigger and not self._held:
@@ -268,6 +283,22 @@ class Governor(EventGovernor):
         if first is not None and first.verdict is None:
             return b""  # still waiting for the verdict on the call at the head (as `_release`)
         return self._release()
+
+    def _add(self, output_index, item: _Item) -> _Call:
+        call = self._open[output_index] = self._calls[output_index] = _Call(output_index, item)
+        if item.id:
+            self._calls[item.id] = call
+        if item.call_id:
+            self._calls[("call_id", item.call_id)] = call
+        return call
+
+    def _seen(self, position: int, item: _Item) -> bool:
+        """An aggregate's item is a call already governed: by id, call_id, or its place."""
+        calls = self._calls
+        if (item.id and item.id in calls) or (item.call_id and ("call_id", item.call_id) in calls):
+            return True
+        call = calls.get(position)
+        return call is not None and call.type == item.type
 
     def _find(self, head: _Event):
         call = self._calls.get(head.item_id) if head.item_id else None
@@ -298,7 +329,8 @@ class Governor(EventGovernor):
                 call.denied = True
                 mid = _message_id(call.item_id, call.call_id, call.output_index)
                 call.message = message_item(mid, verdict.text(call.name))
-                self._denied[_item_key(call.item_id, call.call_id, call.output_index)] = call.message
+                for key in _item_keys(call.item_id, call.call_id, call.output_index):
+                    self._denied[key] = call.message
         return self._release()
 
     def on_close(self) -> bytes:
@@ -418,7 +450,8 @@ def _patch_output(response: dict, denied: dict) -> bool:
     changed = False
     for n, item in enumerate(output):
         if isinstance(item, dict) and item.get("type") in _GOVERNED:
-            message = denied.get(_item_key(item.get("id"), item.get("call_id"), n))
+            keys = _item_keys(item.get("id"), item.get("call_id"), n)
+            message = next((denied[k] for k in keys + [("position", n)] if k in denied), None)
             if message is not None:
                 output[n] = message
                 changed = True
