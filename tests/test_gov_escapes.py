@@ -346,3 +346,54 @@ def test_chat_stream_legacy_call_and_tool_call_in_one_delta():
         observe = chat.Governor("/v1/openai/chat/completions", "text/event-stream", False)
         assert run_governor(observe, pieces, lambda call: DENY) == body, how
         assert [c.name for c in observe.calls] == ["other"], how
+
+
+# -- Anthropic: a tool_use block in message_start's content -----------------------------------
+# The SDK's accumulator starts the message from message_start, content included: a tool_use
+# block there is a call with no events of its own. No provider sends one; it is refused.
+
+def _tool_use_in_message_start() -> bytes:
+    body = load_fixture("anthropic/anth-sdk-tool-use.sse")
+    block = json.dumps({"type": "tool_use", "id": "toolu_01X", "name": "delete_repo", "input": {"repo": "prod"}})
+    return body.replace(b'"content":[]', b'"content":[' + block.encode() + b"]", 1)
+
+
+def test_anthropic_sdk_reads_a_tool_use_in_message_start(fake):
+    body = _tool_use_in_message_start()
+    fake.reset()
+    fake.enqueue(Reply(body=body, headers=[("content-type", "text/event-stream")]))
+    names = [c["name"] for c in sdk.anthropic_messages(fake.url, stream=True).tool_calls]
+    assert "delete_repo" in names  # (why it must not pass undecided)
+
+
+def test_anthropic_stream_with_tool_use_in_message_start_is_stopped_in_enforce_mode():
+    body = _tool_use_in_message_start()
+    for how, pieces in splits(body, sse_events(body)):
+        out, gov = govern(anth, "/v1/messages", "text/event-stream", pieces)
+        assert b"delete_repo" not in out, how
+        assert b"tool_use block in message_start, which is not governed" in out, how
+        assert out.startswith(b"event: error"), how  # nothing of the stream went out before it
+
+
+def test_anthropic_stream_with_tool_use_in_message_start_passes_in_observe_mode():
+    body = _tool_use_in_message_start()
+    gov = anth.Governor("/v1/messages", "text/event-stream", False)
+    assert run_governor(gov, [body], lambda call: DENY) == body
+
+
+def test_bedrock_invoke_stream_with_tool_use_in_message_start_is_stopped():
+    block = b'{"type":"tool_use","id":"toolu_01X","name":"delete_repo","input":{"repo":"prod"}}'
+    ctype = "application/vnd.amazon.eventstream"
+    original = load_fixture("bedrock-invoke/derived-claude-tool-use.bin")
+    body = _eventstream_with(original, _invoke_edit(b'"content":[]', b'"content":[' + block + b"]"))
+    assert body != original
+
+    def inner(out: bytes) -> bytes:  # the Anthropic events the frames carry
+        payloads = [json.loads(m.payload) for m in EventStreamDecoder().feed(out)]
+        return b"".join(base64.b64decode(p["bytes"]) for p in payloads if "bytes" in p)
+
+    assert b"delete_repo" in inner(body)
+    for how, pieces in splits(body, _frames(body)):
+        out, gov = govern(binv, "/model/m/invoke-with-response-stream", ctype, pieces)
+        assert b"tool_use block in message_start, which is not governed" in out, how
+        assert b"delete_repo" not in inner(out), how

@@ -443,3 +443,16 @@ def test_responses_call_only_in_the_final_aggregate_is_governed(pgw, upstream):
     upstream.enqueue(Reply(body=body, headers=[("content-type", "text/event-stream")], chunk_sizes="random"))
     out = sdk.openai_responses(pgw.gw.url)
     assert out.tool_calls == [] and out.text == "[SIDEGATE DENIED] tool=final_result reason=no rule matched"
+
+
+def test_anthropic_tool_use_in_message_start_is_refused(pgw, upstream):
+    """The anthropic SDK starts its message from message_start, content included: a tool_use
+    block there would be a call with no events of its own. The gateway stops the stream."""
+    import anthropic
+
+    from tests.test_gov_escapes import _tool_use_in_message_start
+
+    pgw.set_policy("default: deny\nrules: []\n")
+    upstream.enqueue(Reply(body=_tool_use_in_message_start(), headers=[("content-type", "text/event-stream")]))
+    with pytest.raises(anthropic.APIStatusError, match="tool_use block in message_start"):
+        sdk.anthropic_messages(pgw.gw.url, stream=True)

@@ -25,6 +25,7 @@ and `"server_tool_use"` does not contain them); other events are not parsed at a
 
 from __future__ import annotations
 
+import logging
 import re
 
 import msgspec
@@ -34,6 +35,8 @@ from ..dialects.anthropic import stream_error
 from .base import ALLOW, ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_call
 
 __all__ = ["AnthropicEventGovernor", "Governor", "extract", "rewrite"]
+
+log = logging.getLogger("sidegate.governance")
 
 NEEDLE = b'"tool_use"'
 _STOP_RE = re.compile(rb'("stop_reason"\s*:\s*)"tool_use"')
@@ -55,17 +58,18 @@ class _Delta(msgspec.Struct):
     stop_reason: str | None = None
 
 
+class _Message(msgspec.Struct):
+    type: str = ""
+    content: list[_Block] = []
+    stop_reason: str | None = None
+
+
 class _Event(msgspec.Struct):
     type: str = ""
     index: int = -1
     content_block: _Block | None = None
     delta: _Delta | None = None
-
-
-class _Message(msgspec.Struct):
-    type: str = ""
-    content: list[_Block] = []
-    stop_reason: str | None = None
+    message: _Message | None = None  # message_start's (its content is normally empty)
 
 
 _event_dec = msgspec.json.Decoder(_Event)
@@ -144,6 +148,15 @@ class AnthropicEventGovernor(EventGovernor):
                 self._pings = []
                 self._parts = []
                 return b"" if self.enforce else ev.raw
+        elif t == "message_start" and e.message is not None and any(b.type == "tool_use" for b in e.message.content):
+            # The SDKs' accumulators start the message from this one: a tool_use block in it
+            # would be a call with no events of its own. No provider sends one; refused.
+            if self.enforce:
+                self._dead = True
+                self.pending.clear()
+                return self.error("sidegate: the upstream put a tool_use block in message_start, "
+                                  "which is not governed; the stream was stopped")
+            log.warning("anthropic: a tool_use block in message_start passed ungoverned (observe mode)")
         elif t == "message_delta":
             d = e.delta
             if (self.enforce and d is not None and d.stop_reason == "tool_use" and self.calls
