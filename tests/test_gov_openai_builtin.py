@@ -296,3 +296,15 @@ def test_responses_aggregate_does_not_govern_a_call_twice():
         odd = b"\n\n".join(b.replace(strip, b"") if b"response.completed" not in b else b for b in blocks)
         out, gov = govern(resp, odd, lambda c: deny(), seed=8)
         assert len(gov.calls) == 1 and b"function_call" not in out
+
+
+def test_responses_aggregate_call_at_a_governed_calls_place_with_other_ids_is_governed():
+    """Another call (other id and call_id) at the place of one already decided is decided too."""
+    body = load_fixture("openai-responses/pai-responses-reasoning-function-call.sse")
+    head, _, tail = body.partition(b"event: response.completed")
+    tail = tail.replace(b"fc_0050471a34b36ae60068c97bf19d9c819590eaf42c0edc1042", b"fc_other").replace(
+        b"call_CWXgs68YprAjp6t0371hiPOI", b"call_other").replace(b"final_result", b"drop_db")
+    out, gov = govern(resp, head + b"event: response.completed" + tail, lambda c: deny(), seed=4)
+    assert [c.name for c in gov.calls] == ["final_result", "drop_db"]
+    assert b"function_call" not in out and b"drop_db" in out  # (in the marker only)
+    assert b"tool=drop_db" in out

@@ -20,10 +20,10 @@ point).
 A call is complete at its `response.output_item.done` (or, if that never comes, at a
 terminal event or the end of the stream). The SDKs take the final output from the terminal
 event's aggregate, so a call that only the aggregate carries (or only an
-`output_item.done`) is a call too: decided there, and patched out of it when denied. Output items stream one after the other, so in
-enforce mode every event from a call's `output_item.added` on is held until its verdict:
-that keeps the stream's order, and its sequence numbers, exactly as they came when the
-call is allowed.
+`output_item.done`) is a call too: decided there, and patched out of it when denied.
+Output items stream one after the other, so in enforce mode every event from a call's
+`output_item.added` on is held until its verdict: that keeps the stream's order, and its
+sequence numbers, exactly as they came when the call is allowed.
 
 A denied call's item becomes a `message` item with one `output_text` part carrying the
 marker, at the same `output_index`, told with the event sequence the SDK's accumulator
@@ -293,12 +293,14 @@ class Governor(EventGovernor):
         return call
 
     def _seen(self, position: int, item: _Item) -> bool:
-        """An aggregate's item is a call already governed: by id, call_id, or its place."""
+        """An aggregate's item is a call already governed: by id, call_id, or its place (when
+        no id of the two says it is another call)."""
         calls = self._calls
         if (item.id and item.id in calls) or (item.call_id and ("call_id", item.call_id) in calls):
             return True
         call = calls.get(position)
-        return call is not None and call.type == item.type
+        return call is not None and call.type == item.type and not (item.id and call.item_id) \
+            and not (item.call_id and call.call_id)
 
     def _find(self, head: _Event):
         call = self._calls.get(head.item_id) if head.item_id else None
