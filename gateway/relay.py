@@ -353,8 +353,7 @@ class Relay:
             gctx = self._governance(route, meta, target, body) if gmod is not None else None
             if ctype.startswith(STREAM_TYPES) or (route.dialect == "gemini" and ":streamGenerateContent" in target):
                 sctype = trace.ctype
-                framer = registry.stream_governor(gmod, target, sctype, gctx[2], body) if gmod is not None \
-                    else dialect.framer(target, sctype)
+                framer = gmod.Governor(target, sctype, gctx[2]) if gmod is not None else dialect.framer(target, sctype)
                 trace.calls = framer.calls
                 await self._stream(send, resp, route, framer, gctx, status, headers, trace)
             else:

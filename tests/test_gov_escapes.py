@@ -397,26 +397,3 @@ def test_bedrock_invoke_stream_with_tool_use_in_message_start_is_stopped():
         out, gov = govern(binv, "/model/m/invoke-with-response-stream", ctype, pieces)
         assert b"tool_use block in message_start, which is not governed" in out, how
         assert b"delete_repo" not in inner(out), how
-
-
-# -- the legacy-call byte search runs only when the request may have declared `functions` ------
-
-@pytest.mark.parametrize("request_body,looks", [
-    (b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"tools":[]}', False),
-    (b'{"model":"gpt-4o","messages":[],"functions":[{"name":"f"}]}', True),
-    (b'{"model":"gpt-4o","messages":[],"function\\u0073":[{"name":"f"}]}', True),  # the API reads the escape
-    (b"", True),  # GET of a stored completion: nothing says
-])
-def test_chat_stream_governor_looks_for_legacy_calls_when_functions_may_be_declared(request_body, looks):
-    from gateway.governance import registry
-
-    gov = registry.stream_governor(chat, "/v1/chat/completions", "text/event-stream", True, request_body)
-    assert gov._functions is looks
-    stream = (b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":null,'
-              b'"function_call":{"name":"rm_rf","arguments":"{}"}}}]}\n\n'
-              b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"function_call"}]}\n\ndata: [DONE]\n\n')
-    out = run_governor(gov, [stream], lambda call: DENY)
-    if looks:
-        assert calls_of(gov) == [("rm_rf", "{}")] and b"rm_rf" not in out.replace(b"tool=rm_rf", b"")
-    else:  # (no server sends one then; the fast path passes text chunks after one search, not two)
-        assert out == stream

@@ -275,16 +275,12 @@ _NO_FIRSTS: list = []  # shared, never appended to: `_hold_or_pass` gives an ent
 
 
 class Governor(EventGovernor):
-    __slots__ = ("_choices", "_deferred", "_deferred_size", "_denials", "_first_held", "_functions", "_held", "_idle",
-                 "_legacy", "_marker_head", "_meta", "_n_open", "_pend", "_texted")
+    __slots__ = ("_choices", "_deferred", "_deferred_size", "_denials", "_first_held", "_held", "_idle", "_legacy",
+                 "_marker_head", "_meta", "_n_open", "_pend", "_texted")
 
     def __init__(self, path: str = "/chat/completions", content_type: str = "text/event-stream",
-                 enforce: bool = True, functions: bool = True) -> None:
+                 enforce: bool = True) -> None:
         super().__init__(SSEDecoder(), enforce, _dialect._chat_error)
-        # False when the request declared no legacy `functions` (`may_declare_functions`):
-        # no server answers with a function_call then, and the fast paths skip a second
-        # byte search of every chunk for one (~0.26 ns per byte).
-        self._functions = functions
         self._choices: dict = {}
         self._held: list[_Entry] = []
         self._pend: list[_Call] = []
@@ -311,7 +307,7 @@ class Governor(EventGovernor):
         n = len(chunk)
         if chunk.find(b"\n") == n - 2 and chunk.endswith(b"\n\n") and b"\r" not in chunk \
                 and not self._queue and not self.pending and not self._closed and not self._dead:
-            if self._idle and _TOOL_CALLS not in chunk and not (self._functions and _FUNCTION_CALL in chunk) \
+            if self._idle and _TOOL_CALLS not in chunk and _FUNCTION_CALL not in chunk \
                     and (b"\\" not in chunk or ESCAPED not in chunk):
                 if type(chunk) is bytes and self.decoder.skip(chunk):
                     if self.enforce:
@@ -358,10 +354,9 @@ class Governor(EventGovernor):
         and only the rest is decoded event by event. Their text choices (which only a
         denial marker reads) are noted later, from the kept piece: `_has_text`."""
         p = first_hint(chunk, _TOOL_CALLS)
-        if self._functions:
-            q = chunk.find(_FUNCTION_CALL, 0, len(chunk) if p < 0 else p)
-            if q >= 0:
-                p = q
+        q = chunk.find(_FUNCTION_CALL, 0, len(chunk) if p < 0 else p)
+        if q >= 0:
+            p = q
         end = (chunk.rfind(b"\n\n") if p < 0 else chunk.rfind(b"\n\n", 0, p)) + 2
         if end <= 2:
             return None
@@ -469,7 +464,7 @@ class Governor(EventGovernor):
 
     def on_event(self, ev) -> bytes:
         raw = ev.raw
-        if self._idle and _TOOL_CALLS not in raw and not (self._functions and _FUNCTION_CALL in raw) \
+        if self._idle and _TOOL_CALLS not in raw and _FUNCTION_CALL not in raw \
                 and (b"\\" not in raw or ESCAPED not in raw):
             self._note_event(ev)  # a marker then starts on a new line
             return raw
@@ -1105,13 +1100,6 @@ def _load_chat(body: bytes):
         return _decode(body)
     except msgspec.DecodeError:
         return None
-
-
-def may_declare_functions(request: bytes) -> bool:
-    """Whether a chat request may declare legacy `functions` (so that the answer may carry
-    a function_call): it names the key, maybe escaped, or it is not a body at all (GET of a
-    stored completion)."""
-    return not request or b'"functions"' in request or (b"\\" in request and ESCAPED in request)
 
 
 def extract(path: str, body: bytes) -> list[ToolCall]:

@@ -34,10 +34,3 @@ def module_for(dialect: str, target: str):
         if path.endswith((":streamGenerateContent", ":generateContent")):
             return gemini
     return None
-
-
-def stream_governor(mod, target: str, content_type: str, enforce: bool, request: bytes):
-    """The module's stream governor for one response to `request`."""
-    if mod is openai_chat:
-        return mod.Governor(target, content_type, enforce, openai_chat.may_declare_functions(request))
-    return mod.Governor(target, content_type, enforce)
