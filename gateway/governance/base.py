@@ -66,14 +66,19 @@ ESCAPED = b"\\u00"
 
 def may_call(buf: bytes, needle: bytes) -> bool:
     """Whether `buf` may name a call: it holds `needle`, or an escaped ASCII character."""
-    return needle in buf or (b"\\" in buf and ESCAPED in buf)
+    if needle in buf:
+        return True
+    i = buf.find(b"\\")  # (memchr: the search for ESCAPED, ~0.5 ns a byte, starts there)
+    return i >= 0 and buf.find(ESCAPED, i) >= 0
 
 
 def first_hint(buf: bytes, needle: bytes) -> int:
     """The offset of the first `needle` or escaped ASCII character in `buf`, or -1."""
     p = buf.find(needle)
-    if b"\\" in buf:
-        q = buf.find(ESCAPED, 0, len(buf) if p < 0 else p)
+    end = len(buf) if p < 0 else p
+    i = buf.find(b"\\", 0, end)  # (a call's arguments are escaped JSON: mostly after the needle)
+    if i >= 0:
+        q = buf.find(ESCAPED, i, end)
         if q >= 0:
             return q
     return p
