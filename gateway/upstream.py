@@ -87,6 +87,24 @@ def _timeout_cb(fut):
         fut.set_exception(_ReadTimeout("upstream read timeout"))
 
 
+def _check_timeout(ref) -> None:
+    """A response's read timer: times out the pending read when it is due, else (reads
+    went on meanwhile) is armed again for the current read's due time."""
+    r = ref()
+    if r is None:
+        return
+    r._timer = None
+    fut = r._waiter
+    if fut is None or fut.done():
+        return  # no read pending: the next one arms the timer
+    due = r._due()
+    loop = r._loop
+    if loop.time() >= due - 0.001:  # (the loop's timers have millisecond resolution)
+        fut.set_exception(_ReadTimeout("upstream read timeout"))
+    else:
+        r._timer = loop.call_at(due, _check_timeout, ref)
+
+
 _SKIP_REQ_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
 _SPECIAL_LENS = frozenset((4, 14, 17))  # len(b"host"), len(b"content-length"), len(b"transfer-encoding")
 
@@ -117,6 +135,8 @@ class Response:
         "_until_eof",
         "_no_body",
         "_high",
+        "_timer",
+        "_since",
         "__weakref__",
     )
 
@@ -138,6 +158,11 @@ class Response:
         self._until_eof = False
         self._no_body = no_body
         self._high = high
+        # One timer per response, not one per read (a uvloop call_later + cancel costs ~2 us,
+        # once per streamed event): it checks the pending read's start (`_since`) when it
+        # fires and is armed again while reads go on; stopped when the response ends.
+        self._timer = None
+        self._since = 0.0
 
     # ---- called by the connection protocol
     def _wake(self):
@@ -159,25 +184,33 @@ class Response:
     def _fail(self, exc):
         if self._exc is None and not self._complete:
             self._exc = exc
+        self._stop_timer()
         self._wake()
 
     # ---- waiting
+    def _due(self) -> float:
+        due = self._since + self._read_timeout
+        d = self._deadline
+        return due if d is None or d > due else d
+
+    def _stop_timer(self) -> None:
+        t = self._timer
+        if t is not None:
+            self._timer = None
+            t.cancel()
+
     async def _wait(self):
         loop = self._loop
-        timeout = self._read_timeout
-        if self._deadline is not None:
-            rem = self._deadline - loop.time()
-            if rem < timeout:
-                timeout = rem
-        if timeout <= 0:
+        self._since = loop.time()
+        if self._due() <= self._since:
             raise _ReadTimeout("upstream total deadline exceeded")
         fut = loop.create_future()
         self._waiter = fut
-        h = loop.call_later(timeout, _timeout_cb, fut)
+        if self._timer is None:
+            self._timer = loop.call_at(self._due(), _check_timeout, weakref.ref(self))
         try:
             await fut
         finally:
-            h.cancel()
             self._waiter = None
 
     async def _wait_headers(self):
@@ -246,6 +279,7 @@ class Response:
 
     def _abandon(self):
         self._finished = True
+        self._stop_timer()
         c = self._conn
         if c is not None:
             self._conn = None
@@ -395,6 +429,7 @@ class _Conn(asyncio.Protocol):
         if r._complete:
             return
         r._complete = True
+        r._stop_timer()
         self.wr = None
         r._conn = None
         if self.paused:

@@ -508,3 +508,59 @@ def test_dropped_response_without_close_frees_slot():
             await pool.aclose()
 
     run(main())
+
+
+def test_read_timeout_is_per_read_across_a_long_stream():
+    """One timer per response, armed again while reads go on: a stream whose gaps are each
+    under the read timeout runs well past it, and the first longer gap times out."""
+    async def script(srv, reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(8):  # 8 x 0.1 s: four read timeouts long in all
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        await srv.wait_client_close(reader)  # then silence
+
+    async def main():
+        async with Server(script) as s:
+            pool = Pool(read_timeout=0.2)
+            r = await pool.request("POST", "http", "127.0.0.1", s.port, "/", hdrs(), b"{}")
+            loop = asyncio.get_running_loop()
+            got, t0 = b"", loop.time()
+            with pytest.raises(asyncio.TimeoutError):
+                while True:
+                    got += await r.read_chunk()
+            assert got == b"x" * 8
+            assert 0.7 + 0.15 < loop.time() - t0 < 0.7 + 1.0  # the last byte came at ~0.7 s
+            assert r._timer is None  # stopped with the response
+            await pool.aclose()
+
+    run(main())
+
+
+def test_read_timer_stops_when_the_response_ends():
+    async def endless(srv, reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n")
+        await writer.drain()
+        await srv.wait_client_close(reader)
+
+    async def main():
+        async with Server(keepalive_json) as s:
+            pool = Pool(read_timeout=30)
+            for _ in range(3):
+                r = await pool.request("POST", "http", "127.0.0.1", s.port, "/", hdrs(), b"{}")
+                await r.read_all()
+                assert r._timer is None
+            await pool.aclose()
+        async with Server(endless) as s:
+            pool = Pool(read_timeout=30)
+            r = await pool.request("POST", "http", "127.0.0.1", s.port, "/", hdrs(), b"{}")
+            assert await r.read_chunk() == b"x"
+            assert r._timer is not None  # armed by the reads, still running
+            r.close()
+            assert r._timer is None
+            await pool.aclose()
+
+    run(main())
