@@ -589,14 +589,20 @@ def profile(runner: Runner, tname, pyspy, seconds=4):
     t = runner.targets[tname]
     wpid = worker_pid(t)
     out = {}
-    for pname in ("c16", "s16"):
+    for pname in ("c16", "s16", "p1000"):
         pt = POINTS[pname]
         raw = os.path.join(runner.outdir, f"pyspy-{tname}-{pname}.txt")
+        secs = seconds
+        if pt.kind == "paced":  # two rounds of 1000 streams (~4 s; the first opens the pool's connections)
+            secs += 2
+            args = ["--rounds", "2", "--ramp", f"{PACE_MS * (EVENTS + 1) / 1000.0:.2f}", "--max-time", str(secs)]
+        else:
+            args = ["--duration", str(seconds), "--warmup", "0"]
         spy = subprocess.Popen(["taskset", "-c", str(LOAD_CORE), pyspy, "record", "-p", str(wpid), "-r", "400", "-d",
-                                str(int(seconds)), "-f", "raw", "-o", raw, "--nonblocking", "--threads"],
+                                str(int(secs)), "-f", "raw", "-o", raw, "--nonblocking", "--threads"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.8)  # py-spy attaches
-        runner.loadgen(t.loadgen_args(pt) + ["--duration", str(seconds), "--warmup", "0"], seconds + 40)
+        runner.loadgen(t.loadgen_args(pt) + args, secs + 40)
         try:
             _, err = spy.communicate(timeout=seconds + 20)
         except subprocess.TimeoutExpired:
@@ -780,7 +786,7 @@ def main(argv=None):
         if cfg["profile"] and not a.no_profile and prof_targets:
             pyspy = ensure_pyspy(log)
             for n in prof_targets if pyspy else []:
-                log(f"profile: py-spy on the {n} worker (c16, s16)")
+                log(f"profile: py-spy on the {n} worker (c16, s16, p1000)")
                 try:
                     run["profile"][n] = profile(runner, n, pyspy)
                 except Exception as e:  # profiling is a bonus: never lose the run for it

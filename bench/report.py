@@ -396,7 +396,8 @@ def profile_section(run):
 def _profile_one(prof):
     out = []
     for pname, title in (("c16", "non-streaming, 16 connections, tool call denied"),
-                         ("s16", "unpaced streams, 16 concurrent, tool call denied")):
+                         ("s16", "unpaced streams, 16 concurrent, tool call denied"),
+                         ("p1000", "1000 paced streams, tool call denied")):
         r = prof.get(pname)
         if not r:
             continue
