@@ -334,15 +334,19 @@ def test_abandon_unfinished_response_closes_connection():
     run(main())
 
 
-def test_idle_read_timeout():
+def stall_after(chunk: bytes):
+    """A server script: a chunked 200 with one chunk, then silence until the client leaves."""
     async def script(srv, reader, writer):
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(chunk), chunk))
         await writer.drain()
         await srv.wait_client_close(reader)
+    return script
 
+
+def test_idle_read_timeout():
     async def main():
-        async with Server(script) as s:
+        async with Server(stall_after(b"hello")) as s:
             pool = Pool(read_timeout=0.2)
             key = ("http", "127.0.0.1", s.port)
             r = await pool.request("POST", "http", "127.0.0.1", s.port, "/", hdrs(), b"{}")
@@ -540,12 +544,6 @@ def test_read_timeout_is_per_read_across_a_long_stream():
 
 
 def test_read_timer_stops_when_the_response_ends():
-    async def endless(srv, reader, writer):
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n")
-        await writer.drain()
-        await srv.wait_client_close(reader)
-
     async def main():
         async with Server(keepalive_json) as s:
             pool = Pool(read_timeout=30)
@@ -554,7 +552,7 @@ def test_read_timer_stops_when_the_response_ends():
                 await r.read_all()
                 assert r._timer is None
             await pool.aclose()
-        async with Server(endless) as s:
+        async with Server(stall_after(b"x")) as s:
             pool = Pool(read_timeout=30)
             r = await pool.request("POST", "http", "127.0.0.1", s.port, "/", hdrs(), b"{}")
             assert await r.read_chunk() == b"x"
