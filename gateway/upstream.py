@@ -170,9 +170,11 @@ class Response:
         if w is not None and not w.done():
             w.set_result(None)
 
-    def _feed(self, data: bytes):
-        self._buf.append(data)
-        self._size += len(data)
+    def _took(self, size: int):
+        """The connection appended `size` body bytes to `_buf` (one network read's worth:
+        httptools calls back once per HTTP chunk, an SSE event each, so the accounting and
+        the wake-up are done once per read, not per chunk)."""
+        self._size += size
         if self._size > self._high:
             c = self._conn
             if c is not None:
@@ -294,7 +296,8 @@ class Response:
 
 
 class _Conn(asyncio.Protocol):
-    __slots__ = ("pool", "host", "transport", "parser", "wr", "paused", "closed", "idle_since", "nreq", "slot_held")
+    __slots__ = ("pool", "host", "transport", "parser", "wr", "paused", "closed", "idle_since", "nreq", "slot_held",
+                 "_sink", "_fed")
 
     def __init__(self, pool, host):
         self.pool = pool
@@ -308,6 +311,8 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self.nreq = 0
         self.slot_held = True
+        self._sink = None  # while a read is parsed: the response's _buf.append (on_body)
+        self._fed = 0  # body bytes on_body appended during that read
 
     def _r(self):
         wr = self.wr
@@ -339,6 +344,7 @@ class _Conn(asyncio.Protocol):
             self.close()
             return
         r._got_bytes = True
+        self._sink = r._buf.append
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -349,6 +355,11 @@ class _Conn(asyncio.Protocol):
                 self.close()
             else:
                 self._fail(UpstreamProtocolError(f"bad upstream response: {e}"))
+        finally:
+            self._sink = None
+        if self._fed:
+            fed, self._fed = self._fed, 0
+            r._took(fed)
 
     def eof_received(self):
         r = self._r()
@@ -412,9 +423,8 @@ class _Conn(asyncio.Protocol):
         r._wake()
 
     def on_body(self, body):
-        r = self._r()
-        if r is not None:
-            r._feed(body)
+        self._sink(body)  # (httptools calls back only from feed_data, in data_received)
+        self._fed += len(body)
 
     def on_message_complete(self):
         r = self._r()
