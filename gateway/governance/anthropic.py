@@ -152,9 +152,7 @@ class AnthropicEventGovernor(EventGovernor):
             # The SDKs' accumulators start the message from this one: a tool_use block in it
             # would be a call with no events of its own. No provider sends one; refused.
             if self.enforce:
-                self._dead = True
-                self.pending.clear()
-                return self.error("sidegate: the upstream put a tool_use block in message_start, "
+                return self._stop("sidegate: the upstream put a tool_use block in message_start, "
                                   "which is not governed; the stream was stopped")
             log.warning("anthropic: a tool_use block in message_start passed ungoverned (observe mode)")
         elif t == "message_delta":

@@ -211,10 +211,14 @@ class EventGovernor:
         return out + self.on_close()
 
     def _fail(self, err: CodecError) -> bytes:
-        # Fail closed: held tool frames are dropped, nothing undecided reaches the client.
+        return self._stop(f"sidegate: undecodable upstream stream: {err}")
+
+    def _stop(self, message: str) -> bytes:
+        """Fail closed: held tool frames are dropped, nothing undecided reaches the client,
+        and nothing goes out after this in-band error."""
         self._dead = True
         self.pending.clear()
-        return self.error(f"sidegate: undecodable upstream stream: {err}")
+        return self.error(message)
 
     def error(self, message: str) -> bytes:
         self._queue.clear()

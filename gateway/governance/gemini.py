@@ -649,7 +649,7 @@ def _snake_call(data: bytes) -> bool:
     """Whether a part of the response names a call `function_call`. The views above read
     only functionCall (what Gemini and Vertex send); the SDK reads either, so such a part
     is refused rather than passed undecided."""
-    if b"function_call" not in data and (b"\\" not in data or ESCAPED not in data):
+    if not may_call(data, b"function_call"):
         return False
     try:
         doc = _decode_any(data)

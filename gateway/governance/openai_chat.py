@@ -616,11 +616,9 @@ class Governor(EventGovernor):
             self._legacy = _UNFOLLOWED
             return self._slow(ev) if ev is not None else b""
         # a shape the legacy path does not govern: stop rather than pass it undecided
-        self._dead = True
-        self.pending.clear()
         self._held.clear()
         self._legacy = None
-        return self.error(f"sidegate: the answer holds a legacy function_call {why}, which is not governed; "
+        return self._stop(f"sidegate: the answer holds a legacy function_call {why}, which is not governed; "
                           "the stream was stopped")
 
     def _legacy_release(self, verdict: Verdict) -> bytes:
@@ -1093,13 +1091,8 @@ def _add_text(msg: dict, text: str) -> None:
 
 
 def _load_chat(body: bytes):
-    """The decoded body, or None when the byte tests or the decoding say it has no call."""
-    if not may_call(body, _TOOL_CALLS) and _FUNCTION_CALL not in body:
-        return None
-    try:
-        return _decode(body)
-    except msgspec.DecodeError:
-        return None
+    """`load_body` for tool calls or legacy function calls."""
+    return load_body(body, _FUNCTION_CALL if _FUNCTION_CALL in body else _TOOL_CALLS)
 
 
 def extract(path: str, body: bytes) -> list[ToolCall]:
