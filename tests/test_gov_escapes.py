@@ -14,6 +14,8 @@ import base64
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sidegate_codecs.eventstream import EventStreamDecoder, encode_message
 from sidegate_codecs.sse import SSEDecoder
 
@@ -397,3 +399,17 @@ def test_bedrock_invoke_stream_with_tool_use_in_message_start_is_stopped():
         out, gov = govern(binv, "/model/m/invoke-with-response-stream", ctype, pieces)
         assert b"tool_use block in message_start, which is not governed" in out, how
         assert b"delete_repo" not in inner(out), how
+
+
+@pytest.mark.parametrize("k", range(3))
+@pytest.mark.parametrize("digit", b"01234567")
+def test_bedrock_invoke_escape_test_sees_every_alignment(k, digit):
+    text = b"x" * k + b'{"type":"tool\\u00' + bytes([digit]) + b'5e"}'
+    assert binv._escaped(base64.b64encode(text))
+    assert not binv._escaped(base64.b64encode(text.replace(b"\\u00", b"\\t")))
+
+
+@given(st.lists(st.sampled_from([b"\\", b"u", b"0", b"1", b"7", b"8", b"a", b'"', b"\xff"]), max_size=40)
+       .map(lambda parts: base64.b64encode(b"".join(parts))))
+def test_bedrock_invoke_escape_test_is_its_needles(b64):
+    assert binv._escaped(b64) == any(e in b64 for e in binv._ESC)

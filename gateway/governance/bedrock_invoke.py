@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 import msgspec
 from sidegate_codecs.eventstream import EventStreamDecoder, encode_message
@@ -51,13 +52,16 @@ _N0, _N1, _N2 = _b64_needles(NEEDLE)
 # An escaped ASCII character (`\u00XX`, XX < 80) in the base64 of the event, at each alignment: `\u0`,
 # `u00`, or `00` and the first hex digit (see base.ESCAPED).
 _ESC = (base64.b64encode(b"\\u0"), base64.b64encode(b"u00")) + tuple(base64.b64encode(b"00" + bytes([d])) for d in b"01234567")
+# The last eight share their first three characters: one search for those, and the pattern
+# only where they occur (each search of base64 text costs ~0.5 ns a byte; ten of them, ~5).
+_ESC0, _ESC1, _ESC00 = _ESC[0], _ESC[1], _ESC[2][:3]
+assert all(e.startswith(_ESC00) for e in _ESC[2:])
+_ESC00_ANY = re.compile(re.escape(_ESC00) + b"[" + bytes(e[3] for e in _ESC[2:]) + b"]")
 
 
 def _escaped(b64: bytes) -> bool:
-    for e in _ESC:
-        if e in b64:
-            return True
-    return False
+    """Whether any of `_ESC` is in `b64`."""
+    return _ESC0 in b64 or _ESC1 in b64 or (_ESC00 in b64 and _ESC00_ANY.search(b64) is not None)
 
 
 class _Chunk(msgspec.Struct):
