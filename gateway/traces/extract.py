@@ -609,8 +609,8 @@ def _responses_output(resp: dict, r: Reply) -> None:
             for part in item.get("content") or []:
                 if part.get("type") == "output_text":
                     text.append(part.get("text", ""))
-        elif _responses_call(item) is not None:
-            r.tool_calls.append(_responses_call(item))
+        elif (call := _responses_call(item)) is not None:
+            r.tool_calls.append(call)
     r.text = "".join(text)
     r.stop_reason = resp.get("status")
     r.model = resp.get("model")
@@ -639,8 +639,8 @@ def _responses_reply(objs: list, stream: bool) -> Reply:
             return r
         if t == "response.output_text.delta":
             text.append(obj.get("delta", ""))
-        elif t == "response.output_item.done" and _responses_call(obj.get("item") or {}) is not None:
-            items.append(_responses_call(obj["item"]))
+        elif t == "response.output_item.done" and (call := _responses_call(obj.get("item") or {})) is not None:
+            items.append(call)
         elif t == "error" or (t is None and isinstance(obj, dict) and "error" in obj):
             r.error = _err_text(obj.get("error") or obj)
             r.stop_reason = "failed"
