@@ -34,6 +34,7 @@ from .anthropic import (
     stop_to_end_turn,
 )
 from .base import EventGovernor, may_call
+from .bytesearch import has
 
 __all__ = ["Governor", "extract", "rewrite"]
 
@@ -61,7 +62,7 @@ _ESC00_ANY = re.compile(re.escape(_ESC00) + b"[" + bytes(e[3] for e in _ESC[2:])
 
 def _escaped(b64: bytes) -> bool:
     """Whether any of `_ESC` is in `b64`."""
-    return _ESC0 in b64 or _ESC1 in b64 or (_ESC00 in b64 and _ESC00_ANY.search(b64) is not None)
+    return has(b64, _ESC0) or has(b64, _ESC1) or (has(b64, _ESC00) and _ESC00_ANY.search(b64) is not None)
 
 
 class _Chunk(msgspec.Struct):
@@ -92,7 +93,7 @@ class Governor(AnthropicEventGovernor):
         # Fast path: outside a tool block, whole valid frames none of whose bytes hold a
         # needle are what `on_event` would pass frame by frame; the decoder checks them
         # (lengths, CRCs, known header blocks) and counts their bytes without building them.
-        if self._open is None and _N0 not in chunk and _N1 not in chunk and _N2 not in chunk \
+        if self._open is None and not has(chunk, _N0) and not has(chunk, _N1) and not has(chunk, _N2) \
                 and b"\\" not in chunk and not _escaped(chunk) and not self._queue and not self.pending \
                 and not self._closed and not self._dead and self.decoder.skip(chunk):
             return chunk

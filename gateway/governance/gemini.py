@@ -38,6 +38,7 @@ from sidegate_codecs.sse import SSEDecoder, encode_event
 from ..dialects._shared import last_event_end
 from ..dialects.gemini import sse_error
 from .base import ALLOW, ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_call
+from .bytesearch import has
 
 log = logging.getLogger("sidegate.governance")
 
@@ -552,7 +553,7 @@ class _SSEGovernor(Governor):
             tail.clear()
         else:
             if chunk.endswith(_BLOCK_ENDS) and self._primed and not self._slowpath and not self._queue \
-                    and not self.pending and _CALL not in chunk and (b"\\" not in chunk or ESCAPED not in chunk):
+                    and not self.pending and not has(chunk, _CALL) and (b"\\" not in chunk or not has(chunk, ESCAPED)):
                 return chunk
             buf = chunk if type(chunk) is bytes else bytes(chunk)
         end = last_event_end(buf)

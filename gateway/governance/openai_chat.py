@@ -35,6 +35,7 @@ from sidegate_codecs.errors import CodecError
 
 from ..dialects import openai as _dialect
 from .base import ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_call
+from .bytesearch import find
 
 __all__ = ["Governor", "extract", "rewrite"]
 
@@ -354,7 +355,7 @@ class Governor(EventGovernor):
         and only the rest is decoded event by event. Their text choices (which only a
         denial marker reads) are noted later, from the kept piece: `_has_text`."""
         p = first_hint(chunk, _TOOL_CALLS)
-        q = chunk.find(_FUNCTION_CALL, 0, len(chunk) if p < 0 else p)
+        q = find(chunk, _FUNCTION_CALL, 0, len(chunk) if p < 0 else p)
         if q >= 0:
             p = q
         end = (chunk.rfind(b"\n\n") if p < 0 else chunk.rfind(b"\n\n", 0, p)) + 2
