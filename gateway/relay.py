@@ -19,6 +19,7 @@ import msgspec
 
 from . import metrics, routes
 from .bedrock_sign import CLIENT_SIGNING_HEADERS, Signer
+from .bytesearch import has
 from .config import Config
 from .decision import CallContext, Decider
 from .dialects import BY_NAME as DIALECTS
@@ -560,6 +561,8 @@ def _wants_stream(body: bytes, target: str) -> bool:
     Anthropic), or a streaming path (Bedrock `*-stream`, Gemini `:streamGenerateContent`)."""
     if "stream" in target:
         return True
+    if not has(body, b'"stream"'):  # (an agent's request is tens of KB: memmem, not a reverse search through it all)
+        return False
     i = body.rfind(b'"stream"')  # from the end: SDKs write it after the messages
     while i >= 0:
         rest = body[i + 8:i + 24].lstrip()

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.governance import bytesearch
-from gateway.governance.bytesearch import MIN_SIZE, find, has
+from gateway import bytesearch
+from gateway.bytesearch import MIN_SIZE, find, has
 
 NEEDLES = [b'"tool_calls"', b'"function_call"', b"\\u00", b'"toolUse"', b"x", b""]
 
@@ -48,3 +48,15 @@ def test_find_and_has_agree_with_bytes(data):
     end = data.draw(st.one_of(st.none(), st.integers(start, len(buf))))
     assert find(buf, needle, start, end) == buf.find(needle, start, len(buf) if end is None else end)
     assert has(buf, needle) == (needle in buf)
+
+
+@pytest.mark.parametrize("pad", [0, 100, 3 * MIN_SIZE])
+def test_the_relay_reads_stream_true_in_a_request_of_any_size(pad):
+    from gateway.relay import _wants_stream
+
+    msgs = b'[{"role":"user","content":"' + b"say \\\"stream\\\": true " * (pad // 20) + b'"}]'
+    assert _wants_stream(b'{"model":"m","messages":' + msgs + b',"stream": true}', "/v1/chat/completions")
+    assert _wants_stream(b'{"stream":true,"model":"m","messages":' + msgs + b"}", "/v1/chat/completions")
+    assert not _wants_stream(b'{"model":"m","messages":' + msgs + b',"stream":false}', "/v1/chat/completions")
+    assert not _wants_stream(b'{"model":"m","messages":' + msgs + b"}", "/v1/chat/completions")
+    assert _wants_stream(b'{"model":"m","messages":' + msgs + b"}", "/model/x/converse-stream")

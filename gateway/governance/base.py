@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 from sidegate_codecs.errors import CodecError
 
+from ..bytesearch import find, has
 from ..dialects._shared import last_event_end
-from .bytesearch import find, has
 
 ALLOW, DENY, ESCALATE = "allow", "deny", "escalate"
 

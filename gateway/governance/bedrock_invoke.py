@@ -25,6 +25,7 @@ import re
 import msgspec
 from sidegate_codecs.eventstream import EventStreamDecoder, encode_message
 
+from ..bytesearch import has
 from ..dialects.bedrock import exception_frame
 from .anthropic import (
     NEEDLE,
@@ -34,7 +35,6 @@ from .anthropic import (
     stop_to_end_turn,
 )
 from .base import EventGovernor, may_call
-from .bytesearch import has
 
 __all__ = ["Governor", "extract", "rewrite"]
 

@@ -35,10 +35,10 @@ from sidegate_codecs.errors import CodecError
 from sidegate_codecs.jsonstream import JSONArrayStreamDecoder
 from sidegate_codecs.sse import SSEDecoder, encode_event
 
+from ..bytesearch import has
 from ..dialects._shared import last_event_end
 from ..dialects.gemini import sse_error
 from .base import ALLOW, ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_call
-from .bytesearch import has
 
 log = logging.getLogger("sidegate.governance")
 

@@ -33,9 +33,9 @@ import msgspec
 from sidegate_codecs import SSEDecoder, encode_event
 from sidegate_codecs.errors import CodecError
 
+from ..bytesearch import find
 from ..dialects import openai as _dialect
 from .base import ESCAPED, EventGovernor, ToolCall, Verdict, first_hint, may_call
-from .bytesearch import find
 
 __all__ = ["Governor", "extract", "rewrite"]
 
