@@ -1,7 +1,7 @@
 """Substring search over large chunks, by the C library's memmem.
 
 CPython's `bytes.find` runs ~0.27 ns a byte for the governors' needles in JSON (its skip
-loop stops at every byte of the needle's own alphabet, and `"` is most of JSON); glibc's
+loop stops at every byte of the needle's own alphabet, and JSON is full of `"`); glibc's
 memmem runs ~0.07. Every byte of a streamed answer is searched for a call's key, so on a
 chunk of several KB this is most of what governing a passthrough stream costs. A call
 through ctypes costs ~0.3 us, so small buffers keep `bytes.find`.

@@ -117,10 +117,10 @@ class Relay:
 
     async def _housekeeping(self) -> None:
         """Collect cyclic garbage fully and give freed heap memory back to the OS once the
-        worker goes quiet: bursts of
-        requests (bodies, response chunks, trace records) leave glibc's arenas grown and
-        their free pages resident. Trimmed ~0.5 s and again ~4 s after the last request
-        (the trace writer may still be draining), never under load."""
+        worker goes quiet: bursts of requests (bodies, response chunks, trace records) leave
+        glibc's arenas grown and their free pages resident. Trimmed ~0.5 s and again ~4 s
+        after the last request (the trace writer may still be draining), never under load;
+        collected once no request is in flight either."""
         trim = _malloc_trim()
         last, quiet, collected = -1, 0, True
         while True:
@@ -524,8 +524,8 @@ GC_FULL_EVERY = 1000  # young collections between two automatic full ones (CPyth
 def _gc_for_latency() -> None:
     """Keep the cyclic GC's full collections out of the streams' way. A full collection
     stops the loop while it walks every tracked object: at 1000 paced streams, 30-85 ms
-    per collection, once or twice a minute-long run, each one an inter-event gap of that
-    size in every stream. What the worker loaded at start-up (modules, config, policy) is
+    per collection, once or twice in each 3-second bench run, each one an inter-event gap
+    of that size in every stream. What the worker loaded at start-up (modules, config, policy) is
     frozen out of the walk, and full collections are left to housekeeping's quiet moments,
     or to every GC_FULL_EVERY-th young collection under load without a pause. The young
     collections (~0.1 ms, and ~4 ms for the middle generation) are unchanged."""
