@@ -65,3 +65,19 @@ def test_bench_inproc_runs_every_variant_and_its_ablations_take_effect():
         assert r["denied"] == (40 if governed else 0), (shape, variant, r)
     # the stream shape is relayed untouched by every variant: the same bytes per request
     assert len({r["bytes_per_request"] for (shape, _), r in res.items() if shape == "stream"}) == 1
+
+
+def test_bench_inproc_paced_shape_counts_every_relayed_event():
+    """bench.inproc's paced shape (asked for by name, not in the default run): concurrent
+    paced streams through the floor and sidegate, both relaying the same 68 events per stream
+    (role, 64 deltas, finish, usage, [DONE]), and CPU is read per relayed event."""
+    p = subprocess.run([sys.executable, "-m", "bench.inproc", "--shape", "paced", "--variant", "floor", "--variant", "sidegate",
+                        "--streams", "5", "--rounds", "1", "--passes", "1", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = {r["variant"]: r for r in json.loads(p.stdout.strip().splitlines()[-1])}
+    assert set(res) == {"floor", "sidegate"}
+    for r in res.values():
+        assert r["shape"] == "paced" and r["statuses"] == [200] and r["cpu_us"] > 0, r
+        assert r["events_per_request"] == 68.0, r
+    assert res["floor"]["bytes_per_request"] == res["sidegate"]["bytes_per_request"] > 0
