@@ -571,9 +571,12 @@ def warm_up(runner: Runner, names, dialects):
 
 
 def worker_pid(t: Target):
-    """The granian worker of a sidegate target: the busiest process of its tree."""
-    best, cpu = None, -1
-    for p in tree_pids(t.pid):
+    """The granian worker of a target: the busiest process of its tree below its root (the
+    root is granian's supervisor, or a single-process target itself), sidegate's ops listener
+    left out. (The busiest of the whole tree was the supervisor now and then, just after
+    start-up: its imports had used more CPU than the worker yet.)"""
+    best, cpu = t.pid, -1
+    for p in tree_pids(t.pid)[1:]:
         if "gateway.ops" in cmdline(p):
             continue
         c = pid_cpu_ns(p)
