@@ -36,6 +36,23 @@ def _mib(kib: int) -> float:
     return round(kib / 1024, 1)
 
 
+def rss_parts(pid: int) -> dict:
+    """The worker's RSS split as /proc/<pid>/status gives it (MiB): anonymous memory (the heap:
+    Python objects, malloc arenas, SQLite's page cache, zstd), file-backed pages (code, and
+    the files it maps: prometheus-client's multiprocess files, SQLite's WAL index) and
+    shared memory (those files when they live on tmpfs)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in ("RssAnon", "RssFile", "RssShmem"):
+                    out[key[3:].lower()] = _mib(int(line.split()[1]))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
 def _loadgen(t, pt: Point, seconds: float) -> dict:
     import subprocess
 
@@ -47,7 +64,7 @@ def _loadgen(t, pt: Point, seconds: float) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def soak(seconds: float, log=print) -> dict:
+def soak(seconds: float, log=print, rest_every: float = 0.0) -> dict:
     work = tempfile.mkdtemp(prefix="sidegate-soak-")
     mock_port = free_port()
     mock = start([PY, "-m", "bench.mock_upstream", "--port", str(mock_port)], LOAD_CORE, _base_env(),
@@ -68,15 +85,29 @@ def soak(seconds: float, log=print) -> dict:
         k = 0
         requests = errors = 0
         rested = False
+        out["rests"] = rests = []
+
+        def rest() -> dict:
+            # what the worker keeps at rest (in-flight requests and queued trace records
+            # gone, freed heap trimmed when quiet)
+            time.sleep(REST_S)
+            r = {"t": round(time.time() - t0, 1), "worker_mib": _mib(rss_kib(wpid)),
+                 "tree_mib": _mib(tree_rss_kib(t.pid)), "requests": requests, **rss_parts(wpid)}
+            rests.append(r)
+            log(f"  at rest after {r['t']:.0f}s: worker {r['worker_mib']} MiB {rss_parts(wpid)}")
+            return r
+
+        next_rest = None
         while time.time() - t0 < seconds:
             if not rested and time.time() - t0 >= min(60.0, seconds / 3) and k % 2 == 0:
-                # at rest after the first minute: what the worker keeps once warm (in-flight
-                # requests and queued trace records gone, freed heap trimmed when quiet)
-                time.sleep(REST_S)
-                out["rest_warm_worker_mib"] = _mib(rss_kib(wpid))
-                out["rest_warm_tree_mib"] = _mib(tree_rss_kib(t.pid))
-                log(f"  at rest after {time.time() - t0:.0f}s: worker {out['rest_warm_worker_mib']} MiB")
+                r = rest()  # after the first minute: once warm
+                out["rest_warm_worker_mib"], out["rest_warm_tree_mib"] = r["worker_mib"], r["tree_mib"]
                 rested = True
+                next_rest = time.time() - t0 + rest_every if rest_every else None
+            elif next_rest is not None and time.time() - t0 >= next_rest and k % 2 == 0 \
+                    and seconds - (time.time() - t0) > SLICE_S:
+                rest()  # --rest-every: a leak keeps growing from one rest to the next, warm-up levels off
+                next_rest += rest_every
             pt = shapes[k % 2]
             r = _loadgen(t, pt, min(SLICE_S, max(1.0, seconds - (time.time() - t0))))
             k += 1
@@ -87,9 +118,8 @@ def soak(seconds: float, log=print) -> dict:
             out["samples"].append(s)
             log(f"  {s['t']:7.1f}s {s['shape']:9} worker {s['worker_mib']:6.1f} MiB  tree {s['tree_mib']:6.1f} MiB  "
                 f"{s['rps'] or 0:8.0f} req/s  errors {s['errors']}")
-        time.sleep(REST_S)
-        out["after_worker_mib"] = _mib(rss_kib(wpid))
-        out["after_tree_mib"] = _mib(tree_rss_kib(t.pid))
+        r = rest()
+        out["after_worker_mib"], out["after_tree_mib"] = r["worker_mib"], r["tree_mib"]
         out["requests"], out["errors"] = requests, errors
         warm = out.get("rest_warm_worker_mib") or out["samples"][0]["worker_mib"]
         warm_tree = out.get("rest_warm_tree_mib") or out["samples"][0]["tree_mib"]
@@ -115,7 +145,8 @@ def report(r: dict, machine: str) -> str:
     verdict = lambda ok: "**PASS**" if ok else "**FAIL**"  # noqa: E731
     lines = [
         "# Memory soak (bench/soak.py)", "",
-        f"{machine}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `python -m bench.soak --seconds {r['seconds']:.0f}`.",
+        f"{machine}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `python -m bench.soak --seconds {r['seconds']:.0f}"
+        + (f" --rest-every {r['rest_every']:.0f}" if r.get("rest_every") else "") + "`.",
         "One sidegate worker, enforce mode, traces on (the embedded store), pinned to core 0; mock upstream and load",
         "generator on core 1; 20 s slices alternating non-streaming calls and 64-event streams, 16 connections, closed",
         "loop, every response ending in a tool call the policy denies.", "",
@@ -135,6 +166,15 @@ def report(r: dict, machine: str) -> str:
     ]
     for s in r["samples"]:
         lines.append(f"| {s['t']:.0f} | {s['shape']} | {s['worker_mib']} | {s['tree_mib']} | {s['rps'] or 0:,.0f} |")
+    rests = r.get("rests") or []
+    if rests:
+        lines += ["", f"The worker at rest (load paused {REST_S:.0f} s), its RSS split as /proc/<pid>/status gives it: "
+                  "anonymous (the heap), file-backed (code and mapped files: the metrics files, SQLite's WAL index), "
+                  "shared memory (such files on tmpfs).", "",
+                  "| t (s) | requests so far | worker RSS MiB | anon | file | shmem | tree RSS MiB |", "|---|---|---|---|---|---|---|"]
+        for x in rests:
+            lines.append(f"| {x['t']:.0f} | {x['requests']:,} | {x['worker_mib']} | {x.get('anon', '–')} | {x.get('file', '–')} "
+                         f"| {x.get('shmem', '–')} | {x['tree_mib']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,14 +183,18 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--write", action="store_true", help="write bench/results-soak.md (default when --seconds >= 600)")
+    ap.add_argument("--rest-every", type=float, default=0.0, metavar="SECONDS",
+                    help="also pause the load and read the worker at rest every SECONDS (a leak grows from rest to rest)")
+    ap.add_argument("--out", default=RESULTS, help="where --write writes the report (default bench/results-soak.md)")
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the gateway and mock on the way out
-    r = soak(a.seconds)
+    r = soak(a.seconds, rest_every=a.rest_every)
+    r["rest_every"] = a.rest_every
     machine = f"{os.cpu_count()} CPU(s), Python {sys.version.split()[0]}"
     text = report(r, machine)
     print(text)
     if a.write or a.seconds >= 600:
-        with open(RESULTS, "w") as f:
+        with open(a.out, "w") as f:
             f.write(text)
     return 0
 

@@ -81,3 +81,20 @@ def test_bench_inproc_paced_shape_counts_every_relayed_event():
         assert r["shape"] == "paced" and r["statuses"] == [200] and r["cpu_us"] > 0, r
         assert r["events_per_request"] == 68.0, r
     assert res["floor"]["bytes_per_request"] == res["sidegate"]["bytes_per_request"] > 0
+
+
+def test_bench_soak_reads_the_worker_at_rest_and_splits_its_rss(tmp_path):
+    """bench.soak, shortened: the worker answers every request of both shapes, is read at rest
+    at the end (RSS split into anonymous, file-backed and shared memory), and the report shows
+    the growth verdict and the table of rests."""
+    out = tmp_path / "soak.md"
+    p = subprocess.run([sys.executable, "-m", "bench.soak", "--seconds", "8", "--rest-every", "4", "--write", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    text = out.read_text()
+    assert "| RSS growth over the soak" in text and " 0 errors;" in text, text
+    rests = [line for line in text.splitlines() if line.startswith("| ") and line.count("|") == 8 and line[2].isdigit()]
+    assert rests, text
+    t, requests, worker, anon, file, shmem, tree = (c.strip() for c in rests[-1].strip("|").split("|"))
+    assert int(requests.replace(",", "")) > 0 and float(worker) > 0 and float(anon) > 0 and float(file) > 0, rests[-1]
+    assert abs(float(anon) + float(file) + float(shmem) - float(worker)) <= 0.3, rests[-1]  # RSS = the three parts
