@@ -62,15 +62,22 @@ def tree_cpu_ticks_ns(pid: int) -> int:
     return tot * (1_000_000_000 // os.sysconf("SC_CLK_TCK"))
 
 
-def rss_kib(pid: int) -> int:
+def status_kib(pid: int, *keys: str) -> dict[str, int]:
+    """Fields of /proc/<pid>/status given in kB (VmRSS, RssAnon, ...), by name; {} once it is gone."""
+    out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
+                key = line.split(":", 1)[0]
+                if key in keys:
+                    out[key] = int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError):
         pass
-    return 0
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    return status_kib(pid, "VmRSS").get("VmRSS", 0)
 
 
 def tree_rss_kib(pid: int) -> int:

@@ -25,7 +25,7 @@ import tempfile
 import time
 
 from bench.harness import LOAD_CORE, PY, Point, _base_env, start_targets, worker_pid
-from bench.procs import ROOT, free_port, rss_kib, start, stop, tree_pids, tree_rss_kib, wait_port
+from bench.procs import ROOT, free_port, rss_kib, start, status_kib, stop, tree_pids, tree_rss_kib, wait_port
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results-soak.md")
 SLICE_S = 20.0
@@ -37,20 +37,13 @@ def _mib(kib: int) -> float:
 
 
 def rss_parts(pid: int) -> dict:
-    """The worker's RSS split as /proc/<pid>/status gives it (MiB): anonymous memory (the heap:
-    Python objects, malloc arenas, SQLite's page cache, zstd), file-backed pages (code, and
-    the files it maps: prometheus-client's multiprocess files, SQLite's WAL index) and
-    shared memory (those files when they live on tmpfs)."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0]
-                if key in ("RssAnon", "RssFile", "RssShmem"):
-                    out[key[3:].lower()] = _mib(int(line.split()[1]))
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
+    """The worker's RSS and its split as /proc/<pid>/status gives it (MiB), from one read:
+    anonymous memory (the heap: Python objects, malloc arenas, SQLite's page cache, zstd),
+    file-backed pages (code, and the files it maps: prometheus-client's multiprocess files,
+    SQLite's WAL index) and shared memory (those files when they live on tmpfs)."""
+    kib = status_kib(pid, "VmRSS", "RssAnon", "RssFile", "RssShmem")
+    return {"worker_mib": _mib(kib.get("VmRSS", 0)),
+            **{k[3:].lower(): _mib(v) for k, v in kib.items() if k.startswith("Rss")}}
 
 
 def _loadgen(t, pt: Point, seconds: float) -> dict:
@@ -77,7 +70,7 @@ def soak(seconds: float, log=print, rest_every: float = 0.0) -> dict:
         t = targets["sidegate-enforce"]
         time.sleep(1.0)
         wpid = worker_pid(t)
-        out = {"seconds": seconds, "procs": len(tree_pids(t.pid)), "idle_worker_mib": _mib(rss_kib(wpid)),
+        out = {"seconds": seconds, "rest_every": rest_every, "procs": len(tree_pids(t.pid)), "idle_worker_mib": _mib(rss_kib(wpid)),
                "idle_tree_mib": _mib(tree_rss_kib(t.pid)), "samples": []}
         log(f"idle: worker {out['idle_worker_mib']} MiB, tree {out['idle_tree_mib']} MiB ({out['procs']} processes)")
         shapes = [Point("soak-c16", "tput", 16), Point("soak-s16", "tput", 16, stream=True)]
@@ -91,10 +84,11 @@ def soak(seconds: float, log=print, rest_every: float = 0.0) -> dict:
             # what the worker keeps at rest (in-flight requests and queued trace records
             # gone, freed heap trimmed when quiet)
             time.sleep(REST_S)
-            r = {"t": round(time.time() - t0, 1), "worker_mib": _mib(rss_kib(wpid)),
-                 "tree_mib": _mib(tree_rss_kib(t.pid)), "requests": requests, **rss_parts(wpid)}
+            r = {"t": round(time.time() - t0, 1), **rss_parts(wpid), "tree_mib": _mib(tree_rss_kib(t.pid)),
+                 "requests": requests}
             rests.append(r)
-            log(f"  at rest after {r['t']:.0f}s: worker {r['worker_mib']} MiB {rss_parts(wpid)}")
+            log(f"  at rest after {r['t']:.0f}s: worker {r['worker_mib']} MiB (anon {r.get('anon')}, "
+                f"file {r.get('file')}, shmem {r.get('shmem')})")
             return r
 
         next_rest = None
@@ -189,7 +183,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the gateway and mock on the way out
     r = soak(a.seconds, rest_every=a.rest_every)
-    r["rest_every"] = a.rest_every
     machine = f"{os.cpu_count()} CPU(s), Python {sys.version.split()[0]}"
     text = report(r, machine)
     print(text)

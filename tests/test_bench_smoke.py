@@ -88,7 +88,7 @@ def test_bench_soak_reads_the_worker_at_rest_and_splits_its_rss(tmp_path):
     at the end (RSS split into anonymous, file-backed and shared memory), and the report shows
     the growth verdict and the table of rests."""
     out = tmp_path / "soak.md"
-    p = subprocess.run([sys.executable, "-m", "bench.soak", "--seconds", "8", "--rest-every", "4", "--write", "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "bench.soak", "--seconds", "8", "--write", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     text = out.read_text()
