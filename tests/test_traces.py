@@ -662,6 +662,33 @@ def test_retention_by_size(tmp_store):
     assert os.path.getsize(tmp_store) < before  # pages handed back (incremental vacuum)
 
 
+
+def test_retention_by_size_never_decodes_the_heads_of_the_batches_it_deletes(tmp_store, monkeypatch):
+    """A size pass drops whole batches by id. Decoding their heads (hundreds of thousands of
+    calls per pass on a busy sidecar) left tens of MiB in the worker's allocator after
+    every pass: the 30-minute soak's memory growth."""
+    rng = random.Random(7)
+    r = Recorder(tmp_store, retention_days=0, max_bytes=0)
+    for i in range(40):
+        noise = bytes(rng.randrange(256) for _ in range(3000)).hex().encode()  # batches outweigh SQLite's pages
+        r.submit(record_for("openai-chat/oai-text.sse", session=f"s{i}",
+                            request_body=b'{"messages":[{"role":"user","content":"' + noise + b'"}]}'))
+        if i % 4 == 3:
+            assert r.flush()
+    r.close()
+    con = store.open_writer(tmp_store)
+    decoded = []
+    real = store.Reader.heads
+    monkeypatch.setattr(store.Reader, "heads", lambda self, bid: decoded.append(bid) or real(self, bid))
+    ids = [b for (b,) in con.execute("SELECT id FROM batches ORDER BY id")]
+    assert len(ids) >= 5
+    deleted = store.enforce_retention(con, 0, store.used_bytes(con) // 2)
+    kept = {b for (b,) in con.execute("SELECT id FROM batches")}
+    assert deleted >= 4 and kept and set(ids) - kept
+    assert not set(decoded) - kept, "heads of deleted batches were decoded"
+    assert store.count(con) == 40 - deleted
+
+
 # -- audit log ------------------------------------------------------------------------------------------
 
 def test_audit_log_one_line_per_decision(tmp_path, tmp_store):
