@@ -223,8 +223,9 @@ def _base_env():
     return env
 
 
-def start_targets(names, mock_port, work, logdir, log, targets):
-    """Start every target (registered in `targets` as it starts, so the caller can always stop it)."""
+def start_targets(names, mock_port, work, logdir, log, targets, sidegate_env=None):
+    """Start every target (registered in `targets` as it starts, so the caller can always stop it);
+    `sidegate_env`: settings added to sidegate's environment (the soak's store limit)."""
     waits = []
     for name in names:
         t = Target(name)
@@ -261,6 +262,7 @@ def start_targets(names, mock_port, work, logdir, log, targets):
                 "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
                 "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
             })
+            env.update(sidegate_env or {})
             argv = [PY, "-m", "gateway.cli", "serve", "--listen", f"127.0.0.1:{t.port}", "--ops-listen", f"127.0.0.1:{ops}"]
             t.prefix = {"openai": "/v1/openai", "anthropic": "/v1/anthropic/v1", "bedrock": "/v1/bedrock",
                         "gemini": "/v1/gemini/v1beta"}

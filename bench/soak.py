@@ -5,6 +5,8 @@ beyond 5 % after a 10-minute soak at steady load.
 
   python -m bench.soak                   # 600 s, writes bench/results-soak.md
   python -m bench.soak --seconds 60      # a short look (results printed, file untouched)
+  python -m bench.soak --seconds 300 --rest-every 60 --traces-max-mib 32 --write --out bench/results-soak-retention.md
+                                         # the trace store reaches its size limit within minutes: retention runs
 
 Load: the load generator on core 1 alternates 20-second slices of non-streaming calls
 and of 64-event streams (every response ends with a tool call the policy denies), 16
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -29,6 +32,7 @@ from bench.procs import ROOT, free_port, rss_kib, start, status_kib, stop, tree_
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results-soak.md")
 SLICE_S = 20.0
+_RETENTION = re.compile(r"trace retention: (\d+) call")
 REST_S = 5.0  # the worker trims freed heap 0.5 s and 4 s after its last request
 
 
@@ -46,6 +50,22 @@ def rss_parts(pid: int) -> dict:
             **{k[3:].lower(): _mib(v) for k, v in kib.items() if k.startswith("Rss")}}
 
 
+def retention_passes(log_path: str) -> tuple[int, int]:
+    """Size or age retention passes that deleted calls, and the calls deleted, from the
+    gateway's log: a soak that claims to cover retention shows that it ran."""
+    passes = calls = 0
+    try:
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                m = _RETENTION.search(line)
+                if m:
+                    passes += 1
+                    calls += int(m.group(1))
+    except OSError:
+        pass
+    return passes, calls
+
+
 def _loadgen(t, pt: Point, seconds: float) -> dict:
     import subprocess
 
@@ -57,7 +77,7 @@ def _loadgen(t, pt: Point, seconds: float) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def soak(seconds: float, log=print, rest_every: float = 0.0) -> dict:
+def soak(seconds: float, log=print, rest_every: float = 0.0, traces_max_mib: float = 0.0) -> dict:
     work = tempfile.mkdtemp(prefix="sidegate-soak-")
     mock_port = free_port()
     mock = start([PY, "-m", "bench.mock_upstream", "--port", str(mock_port)], LOAD_CORE, _base_env(),
@@ -66,11 +86,12 @@ def soak(seconds: float, log=print, rest_every: float = 0.0) -> dict:
     try:
         if not wait_port(mock_port, 20):
             raise SystemExit("mock upstream did not start")
-        start_targets(["sidegate-enforce"], mock_port, work, work, log, targets)
+        limit = {"SIDEGATE_TRACES_MAX_BYTES": str(int(traces_max_mib * 1048576))} if traces_max_mib else None
+        start_targets(["sidegate-enforce"], mock_port, work, work, log, targets, sidegate_env=limit)
         t = targets["sidegate-enforce"]
         time.sleep(1.0)
         wpid = worker_pid(t)
-        out = {"seconds": seconds, "rest_every": rest_every, "procs": len(tree_pids(t.pid)), "idle_worker_mib": _mib(rss_kib(wpid)),
+        out = {"seconds": seconds, "rest_every": rest_every, "traces_max_mib": traces_max_mib, "procs": len(tree_pids(t.pid)), "idle_worker_mib": _mib(rss_kib(wpid)),
                "idle_tree_mib": _mib(tree_rss_kib(t.pid)), "samples": []}
         log(f"idle: worker {out['idle_worker_mib']} MiB, tree {out['idle_tree_mib']} MiB ({out['procs']} processes)")
         shapes = [Point("soak-c16", "tput", 16), Point("soak-s16", "tput", 16, stream=True)]
@@ -84,11 +105,16 @@ def soak(seconds: float, log=print, rest_every: float = 0.0) -> dict:
             # what the worker keeps at rest (in-flight requests and queued trace records
             # gone, freed heap trimmed when quiet)
             time.sleep(REST_S)
+            passes, removed = retention_passes(os.path.join(work, "sidegate-enforce.log"))
+            store = os.path.join(work, "sidegate-enforce", "traces.sqlite")
             r = {"t": round(time.time() - t0, 1), **rss_parts(wpid), "tree_mib": _mib(tree_rss_kib(t.pid)),
-                 "requests": requests}
+                 "requests": requests, "store_mib": _mib(sum(os.path.getsize(f) // 1024 for f in (store, store + "-wal")
+                                                             if os.path.exists(f))),
+                 "retention_passes": passes, "retention_calls": removed}
             rests.append(r)
             log(f"  at rest after {r['t']:.0f}s: worker {r['worker_mib']} MiB (anon {r.get('anon')}, "
-                f"file {r.get('file')}, shmem {r.get('shmem')})")
+                f"file {r.get('file')}, shmem {r.get('shmem')}); trace store {r['store_mib']} MiB, "
+                f"{passes} retention pass(es) so far")
             return r
 
         next_rest = None
@@ -140,7 +166,10 @@ def report(r: dict, machine: str) -> str:
     lines = [
         "# Memory soak (bench/soak.py)", "",
         f"{machine}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `python -m bench.soak --seconds {r['seconds']:.0f}"
-        + (f" --rest-every {r['rest_every']:.0f}" if r.get("rest_every") else "") + "`.",
+        + (f" --rest-every {r['rest_every']:.0f}" if r.get("rest_every") else "")
+        + (f" --traces-max-mib {r['traces_max_mib']:g}" if r.get("traces_max_mib") else "") + "`.",
+        *([f"Trace store limited to {r['traces_max_mib']:g} MiB (SIDEGATE_TRACES_MAX_BYTES), so size retention "
+           "deletes batches every minute once it is reached."] if r.get("traces_max_mib") else []),
         "One sidegate worker, enforce mode, traces on (the embedded store), pinned to core 0; mock upstream and load",
         "generator on core 1; 20 s slices alternating non-streaming calls and 64-event streams, 16 connections, closed",
         "loop, every response ending in a tool call the policy denies.", "",
@@ -164,11 +193,14 @@ def report(r: dict, machine: str) -> str:
     if rests:
         lines += ["", f"The worker at rest (load paused {REST_S:.0f} s), its RSS split as /proc/<pid>/status gives it: "
                   "anonymous (the heap), file-backed (code and mapped files: the metrics files, SQLite's WAL index), "
-                  "shared memory (such files on tmpfs).", "",
-                  "| t (s) | requests so far | worker RSS MiB | anon | file | shmem | tree RSS MiB |", "|---|---|---|---|---|---|---|"]
+                  "shared memory (such files on tmpfs); the trace store's files (the database and its WAL), and the retention passes that had deleted calls "
+                  "by then (from the gateway's log).", "",
+                  "| t (s) | requests so far | worker RSS MiB | anon | file | shmem | tree RSS MiB | trace store MiB "
+                  "| retention passes (calls deleted) |", "|---|---|---|---|---|---|---|---|---|"]
         for x in rests:
             lines.append(f"| {x['t']:.0f} | {x['requests']:,} | {x['worker_mib']} | {x.get('anon', '–')} | {x.get('file', '–')} "
-                         f"| {x.get('shmem', '–')} | {x['tree_mib']} |")
+                         f"| {x.get('shmem', '–')} | {x['tree_mib']} | {x.get('store_mib', '–')} "
+                         f"| {x.get('retention_passes', '–')} ({x.get('retention_calls', 0):,}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -179,10 +211,12 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="write bench/results-soak.md (default when --seconds >= 600)")
     ap.add_argument("--rest-every", type=float, default=0.0, metavar="SECONDS",
                     help="also pause the load and read the worker at rest every SECONDS (a leak grows from rest to rest)")
+    ap.add_argument("--traces-max-mib", type=float, default=0.0, metavar="MIB",
+                    help="limit the trace store (SIDEGATE_TRACES_MAX_BYTES) so size retention runs within the soak")
     ap.add_argument("--out", default=RESULTS, help="where --write writes the report (default bench/results-soak.md)")
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the gateway and mock on the way out
-    r = soak(a.seconds, rest_every=a.rest_every)
+    r = soak(a.seconds, rest_every=a.rest_every, traces_max_mib=a.traces_max_mib)
     machine = f"{os.cpu_count()} CPU(s), Python {sys.version.split()[0]}"
     text = report(r, machine)
     print(text)

@@ -86,15 +86,27 @@ def test_bench_inproc_paced_shape_counts_every_relayed_event():
 def test_bench_soak_reads_the_worker_at_rest_and_splits_its_rss(tmp_path):
     """bench.soak, shortened: the worker answers every request of both shapes, is read at rest
     at the end (RSS split into anonymous, file-backed and shared memory), and the report shows
-    the growth verdict and the table of rests."""
+    the growth verdict and the table of rests with the trace store's size and retention passes."""
     out = tmp_path / "soak.md"
     p = subprocess.run([sys.executable, "-m", "bench.soak", "--seconds", "8", "--write", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     text = out.read_text()
     assert "| RSS growth over the soak" in text and " 0 errors;" in text, text
-    rests = [line for line in text.splitlines() if line.startswith("| ") and line.count("|") == 8 and line[2].isdigit()]
+    rests = [line for line in text.splitlines() if line.startswith("| ") and line.count("|") == 10 and line[2].isdigit()]
     assert rests, text
-    t, requests, worker, anon, file, shmem, tree = (c.strip() for c in rests[-1].strip("|").split("|"))
+    t, requests, worker, anon, file, shmem, tree, store, passes = (c.strip() for c in rests[-1].strip("|").split("|"))
     assert int(requests.replace(",", "")) > 0 and float(worker) > 0 and float(anon) > 0 and float(file) > 0, rests[-1]
+    assert float(store) > 0 and passes == "0 (0)", rests[-1]  # calls were stored; 8 s is before the first retention pass
     assert abs(float(anon) + float(file) + float(shmem) - float(worker)) <= 0.3, rests[-1]  # RSS = the three parts
+
+
+def test_bench_soak_counts_the_retention_passes_in_the_gateway_log(tmp_path):
+    from bench.soak import retention_passes
+
+    log = tmp_path / "sidegate-enforce.log"
+    log.write_text("2026-11-23 17:59:32,206 INFO sidegate.traces [2388] trace retention: 89361 call(s) removed\n"
+                   "2026-11-23 17:59:40,000 INFO sidegate.proxy [2388] something else\n"
+                   "2026-11-23 18:00:32,410 INFO sidegate.traces [2388] trace retention: 236092 call(s) removed\n")
+    assert retention_passes(str(log)) == (2, 89361 + 236092)
+    assert retention_passes(str(tmp_path / "missing.log")) == (0, 0)
