@@ -689,6 +689,39 @@ def test_retention_by_size_never_decodes_the_heads_of_the_batches_it_deletes(tmp
     assert store.count(con) == 40 - deleted
 
 
+
+class _SqlSeen(sqlite3.Connection):
+    """A connection that notes the text of every statement it runs."""
+
+    seen: list[str]
+
+    def execute(self, sql, *args):
+        self.seen.append(sql)
+        return super().execute(sql, *args)
+
+
+def test_retention_statements_have_fixed_text_whatever_the_number_of_ids(tmp_store):
+    """The connection caches prepared statements by their text: one `?` per id made each
+    pass's id count a new statement, ~80 KiB each, and the writer's memory grew pass by pass."""
+    rng = random.Random(9)
+    r = Recorder(tmp_store, retention_days=0, max_bytes=0)
+    for i in range(60):
+        noise = bytes(rng.randrange(256) for _ in range(2000)).hex().encode()
+        r.submit(record_for("openai-chat/oai-text.sse", session=f"s{i % 5}",
+                            request_body=b'{"messages":[{"role":"user","content":"' + noise + b'"}]}'))
+        if i % 3 == 2:
+            assert r.flush()
+    r.close()
+    con = sqlite3.connect(tmp_store, isolation_level=None, factory=_SqlSeen)
+    con.seen = []
+    total = store.count(con)
+    deleted = 0
+    for frac in (0.8, 0.7):  # passes deleting different numbers of batches
+        deleted += store.enforce_retention(con, 0, int(store.used_bytes(con) * frac))
+    assert 0 < deleted < total and store.count(con) == total - deleted
+    assert con.seen and max(sql.count("?") for sql in con.seen) <= 2, [sql for sql in con.seen if sql.count("?") > 2][:1]
+
+
 # -- audit log ------------------------------------------------------------------------------------------
 
 def test_audit_log_one_line_per_decision(tmp_path, tmp_store):
