@@ -1,12 +1,17 @@
-"""Memory soak: one sidegate worker (enforce mode, traces on: the shipped config) under
-steady load for a fixed time; RSS of the worker and of the whole process tree sampled
-between slices. Budget (issue #6): idle RSS at most 60 MiB per worker, and no growth
-beyond 5 % after a 10-minute soak at steady load.
+"""Memory soak: one sidegate worker (enforce mode, traces on: the shipped config, but for
+the trace store's size limit) under steady load for a fixed time; RSS of the worker and of
+the whole process tree sampled between slices. Budget (issue #6): idle RSS at most 60 MiB
+per worker, and no growth beyond 5 % after a 10-minute soak at steady load.
+
+The store is limited to 64 MiB (SIDEGATE_TRACES_MAX_BYTES; shipped default 512 MiB) so that
+it fills in the soak's fourth minute and size retention deletes batches every minute after
+that, as in a sidecar that has run for days: a soak that never reaches the limit missed a
+leak there (session 11). `--traces-max-mib 0` keeps the shipped limit.
 
   python -m bench.soak                   # 600 s, writes bench/results-soak.md
   python -m bench.soak --seconds 60      # a short look (results printed, file untouched)
-  python -m bench.soak --seconds 300 --rest-every 60 --traces-max-mib 32 --write --out bench/results-soak-retention.md
-                                         # the trace store reaches its size limit within minutes: retention runs
+  python -m bench.soak --seconds 2400 --rest-every 300 --traces-max-mib 0 --out bench/results-soak-long.md
+                                         # the shipped 512 MiB limit, reached after ~29 minutes here
 
 Load: the load generator on core 1 alternates 20-second slices of non-streaming calls
 and of 64-event streams (every response ends with a tool call the policy denies), 16
@@ -33,6 +38,7 @@ from bench.procs import ROOT, free_port, rss_kib, start, status_kib, stop, tree_
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results-soak.md")
 SLICE_S = 20.0
 _RETENTION = re.compile(r"trace retention: (\d+) call")
+TRACES_MAX_MIB = 64.0
 REST_S = 5.0  # the worker trims freed heap 0.5 s and 4 s after its last request
 
 
@@ -77,7 +83,7 @@ def _loadgen(t, pt: Point, seconds: float) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def soak(seconds: float, log=print, rest_every: float = 0.0, traces_max_mib: float = 0.0) -> dict:
+def soak(seconds: float, log=print, rest_every: float = 0.0, traces_max_mib: float = TRACES_MAX_MIB) -> dict:
     work = tempfile.mkdtemp(prefix="sidegate-soak-")
     mock_port = free_port()
     mock = start([PY, "-m", "bench.mock_upstream", "--port", str(mock_port)], LOAD_CORE, _base_env(),
@@ -163,13 +169,15 @@ def soak(seconds: float, log=print, rest_every: float = 0.0, traces_max_mib: flo
 
 def report(r: dict, machine: str) -> str:
     verdict = lambda ok: "**PASS**" if ok else "**FAIL**"  # noqa: E731
+    last = (r.get("rests") or [{}])[-1]
     lines = [
         "# Memory soak (bench/soak.py)", "",
         f"{machine}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `python -m bench.soak --seconds {r['seconds']:.0f}"
         + (f" --rest-every {r['rest_every']:.0f}" if r.get("rest_every") else "")
         + (f" --traces-max-mib {r['traces_max_mib']:g}" if r.get("traces_max_mib") else "") + "`.",
-        *([f"Trace store limited to {r['traces_max_mib']:g} MiB (SIDEGATE_TRACES_MAX_BYTES), so size retention "
-           "deletes batches every minute once it is reached."] if r.get("traces_max_mib") else []),
+        (f"Trace store limited to {r['traces_max_mib']:g} MiB (SIDEGATE_TRACES_MAX_BYTES), so size retention "
+         "deletes batches every minute once it is reached." if r.get("traces_max_mib") else
+         "Trace store at the shipped size limit (512 MiB)."),
         "One sidegate worker, enforce mode, traces on (the embedded store), pinned to core 0; mock upstream and load",
         "generator on core 1; 20 s slices alternating non-streaming calls and 64-event streams, 16 connections, closed",
         "loop, every response ending in a tool call the policy denies.", "",
@@ -183,7 +191,8 @@ def report(r: dict, machine: str) -> str:
         "and queued trace records included, so it moves with the load): " + "; ".join(
             f"{k} {a} → {b} MiB ({100.0 * (b - a) / a:+.1f} %)" for k, (a, b) in sorted(r.get("loaded", {}).items()))
         + ".", "",
-        f"{r['requests']:,} requests, {r['errors']} errors; peak worker RSS {r['peak_worker_mib']} MiB, "
+        f"{r['requests']:,} requests, {r['errors']} errors; {last.get('retention_passes', 0)} retention passes deleted "
+        f"{last.get('retention_calls', 0):,} calls (the store at the end: {last.get('store_mib', 0)} MiB); peak worker RSS {r['peak_worker_mib']} MiB, "
         f"{r['after_worker_mib']} MiB {REST_S:.0f} s after the load stopped.", "",
         "| t (s) | load | worker RSS MiB | tree RSS MiB | req/s |", "|---|---|---|---|---|",
     ]
@@ -211,8 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="write bench/results-soak.md (default when --seconds >= 600)")
     ap.add_argument("--rest-every", type=float, default=0.0, metavar="SECONDS",
                     help="also pause the load and read the worker at rest every SECONDS (a leak grows from rest to rest)")
-    ap.add_argument("--traces-max-mib", type=float, default=0.0, metavar="MIB",
-                    help="limit the trace store (SIDEGATE_TRACES_MAX_BYTES) so size retention runs within the soak")
+    ap.add_argument("--traces-max-mib", type=float, default=TRACES_MAX_MIB, metavar="MIB",
+                    help=f"the trace store's size limit (default {TRACES_MAX_MIB:g}: retention runs within the soak; "
+                         "0: the shipped limit)")
     ap.add_argument("--out", default=RESULTS, help="where --write writes the report (default bench/results-soak.md)")
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the gateway and mock on the way out
