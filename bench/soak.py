@@ -10,7 +10,7 @@ leak there (session 11). `--traces-max-mib 0` keeps the shipped limit.
 
   python -m bench.soak                   # 600 s, writes bench/results-soak.md
   python -m bench.soak --seconds 60      # a short look (results printed, file untouched)
-  python -m bench.soak --seconds 2400 --rest-every 300 --traces-max-mib 0 --out bench/results-soak-long.md
+  python -m bench.soak --seconds 2700 --rest-every 300 --traces-max-mib 0 --out bench/results-soak-long.md
                                          # the shipped 512 MiB limit, reached after ~29 minutes here
 
 Load: the load generator on core 1 alternates 20-second slices of non-streaming calls
@@ -37,7 +37,7 @@ from bench.procs import ROOT, free_port, rss_kib, start, status_kib, stop, tree_
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results-soak.md")
 SLICE_S = 20.0
-_RETENTION = re.compile(r"trace retention: (\d+) call")
+_RETENTION = re.compile(r"trace retention: (\d+) call\(s\) removed(?: in ([\d.]+) s)?")
 TRACES_MAX_MIB = 64.0
 REST_S = 5.0  # the worker trims freed heap 0.5 s and 4 s after its last request
 
@@ -56,10 +56,12 @@ def rss_parts(pid: int) -> dict:
             **{k[3:].lower(): _mib(v) for k, v in kib.items() if k.startswith("Rss")}}
 
 
-def retention_passes(log_path: str) -> tuple[int, int]:
-    """Size or age retention passes that deleted calls, and the calls deleted, from the
-    gateway's log: a soak that claims to cover retention shows that it ran."""
+def retention_passes(log_path: str) -> tuple[int, int, float]:
+    """Size or age retention passes that deleted calls, the calls deleted and the longest
+    pass in seconds, from the gateway's log: a soak that claims to cover retention shows
+    that it ran."""
     passes = calls = 0
+    longest = 0.0
     try:
         with open(log_path, errors="replace") as f:
             for line in f:
@@ -67,9 +69,10 @@ def retention_passes(log_path: str) -> tuple[int, int]:
                 if m:
                     passes += 1
                     calls += int(m.group(1))
+                    longest = max(longest, float(m.group(2) or 0))
     except OSError:
         pass
-    return passes, calls
+    return passes, calls, longest
 
 
 def _loadgen(t, pt: Point, seconds: float) -> dict:
@@ -111,12 +114,12 @@ def soak(seconds: float, log=print, rest_every: float = 0.0, traces_max_mib: flo
             # what the worker keeps at rest (in-flight requests and queued trace records
             # gone, freed heap trimmed when quiet)
             time.sleep(REST_S)
-            passes, removed = retention_passes(os.path.join(work, "sidegate-enforce.log"))
+            passes, removed, longest = retention_passes(os.path.join(work, "sidegate-enforce.log"))
             store = os.path.join(work, "sidegate-enforce", "traces.sqlite")
             r = {"t": round(time.time() - t0, 1), **rss_parts(wpid), "tree_mib": _mib(tree_rss_kib(t.pid)),
                  "requests": requests, "store_mib": _mib(sum(os.path.getsize(f) // 1024 for f in (store, store + "-wal")
                                                              if os.path.exists(f))),
-                 "retention_passes": passes, "retention_calls": removed}
+                 "retention_passes": passes, "retention_calls": removed, "retention_longest_s": longest}
             rests.append(r)
             log(f"  at rest after {r['t']:.0f}s: worker {r['worker_mib']} MiB (anon {r.get('anon')}, "
                 f"file {r.get('file')}, shmem {r.get('shmem')}); trace store {r['store_mib']} MiB, "
@@ -192,7 +195,8 @@ def report(r: dict, machine: str) -> str:
             f"{k} {a} → {b} MiB ({100.0 * (b - a) / a:+.1f} %)" for k, (a, b) in sorted(r.get("loaded", {}).items()))
         + ".", "",
         f"{r['requests']:,} requests, {r['errors']} errors; {last.get('retention_passes', 0)} retention passes deleted "
-        f"{last.get('retention_calls', 0):,} calls (the store at the end: {last.get('store_mib', 0)} MiB); peak worker RSS {r['peak_worker_mib']} MiB, "
+        f"{last.get('retention_calls', 0):,} calls, the longest in {last.get('retention_longest_s', 0):.2f} s "
+        f"(the store at the end: {last.get('store_mib', 0)} MiB); peak worker RSS {r['peak_worker_mib']} MiB, "
         f"{r['after_worker_mib']} MiB {REST_S:.0f} s after the load stopped.", "",
         "| t (s) | load | worker RSS MiB | tree RSS MiB | req/s |", "|---|---|---|---|---|",
     ]

@@ -107,6 +107,7 @@ def test_bench_soak_counts_the_retention_passes_in_the_gateway_log(tmp_path):
     log = tmp_path / "sidegate-enforce.log"
     log.write_text("2026-11-23 17:59:32,206 INFO sidegate.traces [2388] trace retention: 89361 call(s) removed\n"
                    "2026-11-23 17:59:40,000 INFO sidegate.proxy [2388] something else\n"
-                   "2026-11-23 18:00:32,410 INFO sidegate.traces [2388] trace retention: 236092 call(s) removed\n")
-    assert retention_passes(str(log)) == (2, 89361 + 236092)
-    assert retention_passes(str(tmp_path / "missing.log")) == (0, 0)
+                   "2026-11-23 18:00:32,410 INFO sidegate.traces [2388] trace retention: 236092 call(s) removed in 1.25 s\n"
+                   "2026-11-23 18:01:32,410 INFO sidegate.traces [2388] trace retention: 1000 call(s) removed in 0.40 s\n")
+    assert retention_passes(str(log)) == (3, 89361 + 236092 + 1000, 1.25)
+    assert retention_passes(str(tmp_path / "missing.log")) == (0, 0, 0.0)

@@ -554,9 +554,10 @@ class Recorder:
                     keep |= blk.bases
         n = 0
         try:
+            t0 = time.monotonic()
             n = store.enforce_retention(self._con, self.retention_s, self.max_bytes, keep=keep)
-            if n:
-                log.info("trace retention: %d call(s) removed", n)
+            if n:  # (the time: calls wait in the queue meanwhile)
+                log.info("trace retention: %d call(s) removed in %.2f s", n, time.monotonic() - t0)
         except Exception as e:
             log.warning("trace retention failed: %s: %s", type(e).__name__, e)
         finally:
