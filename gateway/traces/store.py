@@ -335,7 +335,7 @@ def _drop(con: sqlite3.Connection, victims: dict[int, set[int] | None]) -> int:
             continue
         heads = reader.heads(bid)
         live = {i for i, h in enumerate(heads) if h is not None}
-        idx &= live
+        idx = idx & live  # (a new set: the caller's stays as given)
         if idx == live:
             gone.add(bid)
         elif idx:
