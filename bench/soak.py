@@ -100,7 +100,8 @@ def soak(seconds: float, log=print, rest_every: float = 0.0, traces_max_mib: flo
         t = targets["sidegate-enforce"]
         time.sleep(1.0)
         wpid = worker_pid(t)
-        out = {"seconds": seconds, "rest_every": rest_every, "traces_max_mib": traces_max_mib, "procs": len(tree_pids(t.pid)), "idle_worker_mib": _mib(rss_kib(wpid)),
+        out = {"seconds": seconds, "rest_every": rest_every, "traces_max_mib": traces_max_mib,
+               "procs": len(tree_pids(t.pid)), "idle_worker_mib": _mib(rss_kib(wpid)),
                "idle_tree_mib": _mib(tree_rss_kib(t.pid)), "samples": []}
         log(f"idle: worker {out['idle_worker_mib']} MiB, tree {out['idle_tree_mib']} MiB ({out['procs']} processes)")
         shapes = [Point("soak-c16", "tput", 16), Point("soak-s16", "tput", 16, stream=True)]
@@ -114,8 +115,8 @@ def soak(seconds: float, log=print, rest_every: float = 0.0, traces_max_mib: flo
             # what the worker keeps at rest (in-flight requests and queued trace records
             # gone, freed heap trimmed when quiet)
             time.sleep(REST_S)
-            passes, removed, longest = retention_passes(os.path.join(work, "sidegate-enforce.log"))
-            store = os.path.join(work, "sidegate-enforce", "traces.sqlite")
+            passes, removed, longest = retention_passes(os.path.join(work, f"{t.name}.log"))  # (start_targets' layout)
+            store = os.path.join(work, t.name, "traces.sqlite")
             r = {"t": round(time.time() - t0, 1), **rss_parts(wpid), "tree_mib": _mib(tree_rss_kib(t.pid)),
                  "requests": requests, "store_mib": _mib(sum(os.path.getsize(f) // 1024 for f in (store, store + "-wal")
                                                              if os.path.exists(f))),

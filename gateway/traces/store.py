@@ -269,8 +269,8 @@ def _ids(bids) -> str:
     return _json_encode(sorted(bids)).decode()
 
 
-def _unlink(con: sqlite3.Connection, bids) -> None:
-    ids = _ids(bids)
+def _unlink(con: sqlite3.Connection, ids: str) -> None:
+    """Drop the index rows of the batches in `ids` (see _ids)."""
     con.execute(f"DELETE FROM runs WHERE batch {_IN_IDS}", (ids,))
     con.execute(f"DELETE FROM deps WHERE batch {_IN_IDS}", (ids,))
 
@@ -340,8 +340,9 @@ def _drop(con: sqlite3.Connection, victims: dict[int, set[int] | None]) -> int:
             gone.add(bid)
         elif idx:
             partial[bid] = idx
+    gone_ids = _ids(gone)
     if gone:
-        deleted = con.execute(f"SELECT COALESCE(SUM(n), 0) FROM batches WHERE id {_IN_IDS}", (_ids(gone),)).fetchone()[0]
+        deleted = con.execute(f"SELECT COALESCE(SUM(n), 0) FROM batches WHERE id {_IN_IDS}", (gone_ids,)).fetchone()[0]
     deleted += sum(len(idx) for idx in partial.values())
     if not deleted:
         return 0
@@ -363,8 +364,8 @@ def _drop(con: sqlite3.Connection, victims: dict[int, set[int] | None]) -> int:
     for bid in sorted(set(fixes) | set(partial)):
         _rewrite(con, reader, bid, partial.get(bid, set()), fixes.get(bid, {}))
     if gone:
-        con.execute(f"DELETE FROM batches WHERE id {_IN_IDS}", (_ids(gone),))
-        _unlink(con, gone)
+        con.execute(f"DELETE FROM batches WHERE id {_IN_IDS}", (gone_ids,))
+        _unlink(con, gone_ids)
     return deleted
 
 
@@ -393,7 +394,7 @@ def _rewrite(con: sqlite3.Connection, reader: "Reader", bid: int, drop: set[int]
         if h.req_base is not None and h.req_base > 0:
             bases.add(h.req_base >> ID_SHIFT)
     live = [h for h in out if h is not None]
-    _unlink(con, [bid])
+    _unlink(con, _ids([bid]))
     if not live:
         con.execute("DELETE FROM batches WHERE id = ?", (bid,))
     else:
