@@ -12,6 +12,8 @@ leak there (session 11). `--traces-max-mib 0` keeps the shipped limit.
   python -m bench.soak --seconds 60      # a short look (results printed, file untouched)
   python -m bench.soak --seconds 2700 --rest-every 300 --traces-max-mib 0 --out bench/results-soak-long.md
                                          # the shipped 512 MiB limit, reached after ~29 minutes here
+  python -m bench.soak --seconds 1800 --rest-every 300 --traces-max-mib 0 --allocator --out bench/results-soak-fill.md
+                                         # each rest also splits the heap by allocator: leak or fragmentation
 
 Load: the load generator on core 1 alternates 20-second slices of non-streaming calls
 and of 64-event streams (every response ends with a tool call the policy denies), 16
@@ -40,6 +42,7 @@ SLICE_S = 20.0
 _RETENTION = re.compile(r"trace retention: (\d+) call\(s\) removed(?: in ([\d.]+) s)?")
 TRACES_MAX_MIB = 64.0
 REST_S = 5.0  # the worker trims freed heap 0.5 s and 4 s after its last request
+ALLOCSTATS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allocstats")  # a sitecustomize: see there
 
 
 def _mib(kib: int) -> float:
@@ -75,6 +78,24 @@ def retention_passes(log_path: str) -> tuple[int, int, float]:
     return passes, calls, longest
 
 
+def allocator_stats(path: str, since: float) -> dict:
+    """The last line that bench/allocstats/sitecustomize.py wrote for the worker at or after
+    `since` (time.time()); {} when there is none."""
+    last = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    x = json.loads(line)
+                except ValueError:  # (a line being written)
+                    continue
+                if x.get("t", 0) >= since:
+                    last = x
+    except OSError:
+        pass
+    return last
+
+
 def _loadgen(t, pt: Point, seconds: float) -> dict:
     import subprocess
 
@@ -86,7 +107,8 @@ def _loadgen(t, pt: Point, seconds: float) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def soak(seconds: float, log=print, rest_every: float = 0.0, traces_max_mib: float = TRACES_MAX_MIB) -> dict:
+def soak(seconds: float, log=print, rest_every: float = 0.0, traces_max_mib: float = TRACES_MAX_MIB,
+         allocator: bool = False) -> dict:
     work = tempfile.mkdtemp(prefix="sidegate-soak-")
     mock_port = free_port()
     mock = start([PY, "-m", "bench.mock_upstream", "--port", str(mock_port)], LOAD_CORE, _base_env(),
@@ -95,12 +117,16 @@ def soak(seconds: float, log=print, rest_every: float = 0.0, traces_max_mib: flo
     try:
         if not wait_port(mock_port, 20):
             raise SystemExit("mock upstream did not start")
-        limit = {"SIDEGATE_TRACES_MAX_BYTES": str(int(traces_max_mib * 1048576))} if traces_max_mib else None
-        start_targets(["sidegate-enforce"], mock_port, work, work, log, targets, sidegate_env=limit)
+        env = {"SIDEGATE_TRACES_MAX_BYTES": str(int(traces_max_mib * 1048576))} if traces_max_mib else {}
+        alloc_dir = os.path.join(work, "allocstats")
+        if allocator:
+            os.makedirs(alloc_dir)
+            env.update(PYTHONPATH=os.pathsep.join((ROOT, ALLOCSTATS)), SIDEGATE_BENCH_ALLOCSTATS=alloc_dir)
+        start_targets(["sidegate-enforce"], mock_port, work, work, log, targets, sidegate_env=env)
         t = targets["sidegate-enforce"]
         time.sleep(1.0)
         wpid = worker_pid(t)
-        out = {"seconds": seconds, "rest_every": rest_every, "traces_max_mib": traces_max_mib,
+        out = {"seconds": seconds, "rest_every": rest_every, "traces_max_mib": traces_max_mib, "allocator": allocator,
                "procs": len(tree_pids(t.pid)), "idle_worker_mib": _mib(rss_kib(wpid)),
                "idle_tree_mib": _mib(tree_rss_kib(t.pid)), "samples": []}
         log(f"idle: worker {out['idle_worker_mib']} MiB, tree {out['idle_tree_mib']} MiB ({out['procs']} processes)")
@@ -114,17 +140,25 @@ def soak(seconds: float, log=print, rest_every: float = 0.0, traces_max_mib: flo
         def rest() -> dict:
             # what the worker keeps at rest (in-flight requests and queued trace records
             # gone, freed heap trimmed when quiet)
-            time.sleep(REST_S)
+            time.sleep(REST_S - 1.0)
+            since = time.time()  # (the sampler writes once a second: its next line is from the rest's last second)
+            time.sleep(1.0)
             passes, removed, longest = retention_passes(os.path.join(work, f"{t.name}.log"))  # (start_targets' layout)
             store = os.path.join(work, t.name, "traces.sqlite")
             r = {"t": round(time.time() - t0, 1), **rss_parts(wpid), "tree_mib": _mib(tree_rss_kib(t.pid)),
                  "requests": requests, "store_mib": _mib(sum(os.path.getsize(f) // 1024 for f in (store, store + "-wal")
                                                              if os.path.exists(f))),
                  "retention_passes": passes, "retention_calls": removed, "retention_longest_s": longest}
+            if allocator:
+                time.sleep(0.2)
+                r.update({k: v for k, v in allocator_stats(os.path.join(alloc_dir, f"{wpid}.jsonl"), since).items()
+                          if k != "t"})
             rests.append(r)
             log(f"  at rest after {r['t']:.0f}s: worker {r['worker_mib']} MiB (anon {r.get('anon')}, "
                 f"file {r.get('file')}, shmem {r.get('shmem')}); trace store {r['store_mib']} MiB, "
-                f"{passes} retention pass(es) so far")
+                f"{passes} retention pass(es) so far"
+                + (f"; pymalloc {r.get('py_arenas')} arenas ({r.get('py_in_use_mib')} MiB in use), glibc heaps "
+                   f"{r.get('glibc_heap_mib')} MiB ({r.get('glibc_in_use_mib')} in use)" if allocator else ""))
             return r
 
         next_rest = None
@@ -178,7 +212,8 @@ def report(r: dict, machine: str) -> str:
         "# Memory soak (bench/soak.py)", "",
         f"{machine}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; `python -m bench.soak --seconds {r['seconds']:.0f}"
         + (f" --rest-every {r['rest_every']:.0f}" if r.get("rest_every") else "")
-        + (f" --traces-max-mib {r['traces_max_mib']:g}" if r.get("traces_max_mib") else "") + "`.",
+        + (f" --traces-max-mib {r['traces_max_mib']:g}" if r.get("traces_max_mib") else " --traces-max-mib 0")
+        + (" --allocator" if r.get("allocator") else "") + "`.",
         (f"Trace store limited to {r['traces_max_mib']:g} MiB (SIDEGATE_TRACES_MAX_BYTES), so size retention "
          "deletes batches every minute once it is reached." if r.get("traces_max_mib") else
          "Trace store at the shipped size limit (512 MiB)."),
@@ -215,6 +250,18 @@ def report(r: dict, machine: str) -> str:
             lines.append(f"| {x['t']:.0f} | {x['requests']:,} | {x['worker_mib']} | {x.get('anon', '–')} | {x.get('file', '–')} "
                          f"| {x.get('shmem', '–')} | {x['tree_mib']} | {x.get('store_mib', '–')} "
                          f"| {x.get('retention_passes', '–')} ({x.get('retention_calls', 0):,}) |")
+    if r.get("allocator") and rests:
+        lines += ["", "The worker's anonymous memory at the same rests, by allocator (bench/allocstats: read in the worker "
+                  "in the rest's last second). pymalloc holds Python's objects of up to 512 bytes in 1 MiB arenas, and "
+                  "frees an arena only once it is empty. glibc's heaps (all its arenas) hold the larger objects and the "
+                  "C libraries' memory: SQLite, zstd, granian. The bytes in use rising means a leak. Arenas or heaps "
+                  "growing while the bytes in use stay level means fragmentation: free space the allocator cannot return.", "",
+                  "| t (s) | anon MiB | pymalloc arenas | pymalloc in use MiB | glibc heaps MiB | glibc in use MiB "
+                  "| glibc free MiB | glibc mmap MiB |", "|---|---|---|---|---|---|---|---|"]
+        for x in rests:
+            lines.append(f"| {x['t']:.0f} | {x.get('anon_mib', '–')} | {x.get('py_arenas', '–')} | {x.get('py_in_use_mib', '–')} "
+                         f"| {x.get('glibc_heap_mib', '–')} | {x.get('glibc_in_use_mib', '–')} | {x.get('glibc_free_mib', '–')} "
+                         f"| {x.get('glibc_mmap_mib', '–')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,10 +275,12 @@ def main(argv=None) -> int:
     ap.add_argument("--traces-max-mib", type=float, default=TRACES_MAX_MIB, metavar="MIB",
                     help=f"the trace store's size limit (default {TRACES_MAX_MIB:g}: retention runs within the soak; "
                          "0: the shipped limit)")
+    ap.add_argument("--allocator", action="store_true",
+                    help="also split the worker's heap by allocator at each rest (pymalloc and glibc: in use against held)")
     ap.add_argument("--out", default=RESULTS, help="where --write writes the report (default bench/results-soak.md)")
     a = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the gateway and mock on the way out
-    r = soak(a.seconds, rest_every=a.rest_every, traces_max_mib=a.traces_max_mib)
+    r = soak(a.seconds, rest_every=a.rest_every, traces_max_mib=a.traces_max_mib, allocator=a.allocator)
     machine = f"{os.cpu_count()} CPU(s), Python {sys.version.split()[0]}"
     text = report(r, machine)
     print(text)

@@ -7,6 +7,7 @@ LiteLLM is a target too: the harness installs it (pinned) into its own venv unde
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,9 +87,10 @@ def test_bench_inproc_paced_shape_counts_every_relayed_event():
 def test_bench_soak_reads_the_worker_at_rest_and_splits_its_rss(tmp_path):
     """bench.soak, shortened: the worker answers every request of both shapes, is read at rest
     at the end (RSS split into anonymous, file-backed and shared memory), and the report shows
-    the growth verdict and the table of rests with the trace store's size and retention passes."""
+    the growth verdict and the table of rests with the trace store's size and retention passes;
+    with --allocator, also the worker's heap by allocator, as the worker itself counted it."""
     out = tmp_path / "soak.md"
-    p = subprocess.run([sys.executable, "-m", "bench.soak", "--seconds", "8", "--write", "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "bench.soak", "--seconds", "8", "--allocator", "--write", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     text = out.read_text()
@@ -99,6 +101,34 @@ def test_bench_soak_reads_the_worker_at_rest_and_splits_its_rss(tmp_path):
     assert int(requests.replace(",", "")) > 0 and float(worker) > 0 and float(anon) > 0 and float(file) > 0, rests[-1]
     assert float(store) > 0 and passes == "0 (0)", rests[-1]  # calls were stored; 8 s is before the first retention pass
     assert abs(float(anon) + float(file) + float(shmem) - float(worker)) <= 0.3, rests[-1]  # RSS = the three parts
+    heaps = [line for line in text.splitlines() if line.startswith("| ") and line.count("|") == 9 and line[2].isdigit()]
+    assert len(heaps) == len(rests), text
+    t2, anon2, arenas, py_in_use, glibc_heap, glibc_in_use, glibc_free, _ = (c.strip() for c in heaps[-1].strip("|").split("|"))
+    assert t2 == t and abs(float(anon2) - float(anon)) < 2.0, (rests[-1], heaps[-1])  # the same worker, the same rest
+    assert int(arenas) > 0 and 0 < float(py_in_use) <= int(arenas), heaps[-1]  # in use fits in the 1 MiB arenas
+    assert 0 < float(glibc_in_use) <= float(glibc_heap) + 0.01 and float(glibc_free) >= 0, heaps[-1]
+
+
+def test_bench_allocstats_samples_each_process_and_a_forked_child(tmp_path):
+    """The soak's sitecustomize: loaded through PYTHONPATH, it samples the process once a
+    second into <dir>/<pid>.jsonl, and a forked child (as granian's worker may be) too."""
+    code = ("import os, time\n"
+            "pid = os.fork()\n"
+            "blob = [bytes(200) for _ in range(50000)]  # ~12 MiB of small objects in pymalloc\n"
+            "time.sleep(2.5)\n"
+            "if pid: os.waitpid(pid, 0); print(os.getpid(), pid)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT), str(ROOT / "bench" / "allocstats"))),
+           "SIDEGATE_BENCH_ALLOCSTATS": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    from bench.soak import allocator_stats
+
+    for pid in p.stdout.split():
+        x = allocator_stats(str(tmp_path / f"{pid}.jsonl"), 0)
+        assert x, list(tmp_path.iterdir())
+        assert x["py_in_use_mib"] >= 10 and x["py_arenas"] >= x["py_in_use_mib"], x
+        assert x["anon_mib"] >= x["py_in_use_mib"] and x["glibc_in_use_mib"] > 0, x
+    assert allocator_stats(str(tmp_path / "missing.jsonl"), 0) == {}
 
 
 def test_bench_soak_counts_the_retention_passes_in_the_gateway_log(tmp_path):
