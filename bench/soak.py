@@ -12,7 +12,7 @@ leak there (session 11). `--traces-max-mib 0` keeps the shipped limit.
   python -m bench.soak --seconds 60      # a short look (results printed, file untouched)
   python -m bench.soak --seconds 2700 --rest-every 300 --traces-max-mib 0 --out bench/results-soak-long.md
                                          # the shipped 512 MiB limit, reached after ~29 minutes here
-  python -m bench.soak --seconds 1800 --rest-every 300 --traces-max-mib 0 --allocator --out bench/results-soak-fill.md
+  python -m bench.soak --seconds 2100 --rest-every 300 --traces-max-mib 0 --allocator --out bench/results-soak-fill.md
                                          # each rest also splits the heap by allocator: leak or fragmentation
 
 Load: the load generator on core 1 alternates 20-second slices of non-streaming calls
