@@ -689,7 +689,6 @@ def test_retention_by_size_never_decodes_the_heads_of_the_batches_it_deletes(tmp
     assert store.count(con) == 40 - deleted
 
 
-
 class _SqlSeen(sqlite3.Connection):
     """A connection that notes the text of every statement it runs."""
 
